@@ -1,0 +1,100 @@
+"""Orbax checkpoints of the train state and the data iterator, preemption-safe.
+
+Every process takes part in every save and restore (orbax coordinates them; a save on one
+process only would hang the others). Saves are asynchronous: the train loop continues while
+the arrays are written, and a checkpoint only becomes visible (``latest_step``) once it is
+complete, so a run killed in the middle of a save restarts from the previous one.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+
+import orbax.checkpoint as ocp
+
+from diffusion_jax import input_pipeline
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored; nothing is deleted."""
+
+
+class Checkpointer:
+    """Saves ``{"state": train state, "data": iterator position}`` under ``workdir/checkpoints``."""
+
+    def __init__(self, workdir, *, keep: int, async_save: bool = True):
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+            ),
+            item_names=("state", "data"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=input_pipeline.iterator_checkpoint_args(data_iterator, restore=False),
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """Restores the state onto the shardings of ``abstract_state`` (any device count) and
+        moves ``data_iterator`` to the saved position."""
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=input_pipeline.iterator_checkpoint_args(data_iterator, restore=True),
+                ),
+            )
+        except Exception as e:  # orbax raises many types; all mean "this one is unusable"
+            raise CheckpointError(
+                f"Cannot restore checkpoint {step} in {self.directory}: {type(e).__name__}: {e}. "
+                "It was left untouched: move it away to resume from an earlier one, or use "
+                "another --workdir."
+            ) from e
+        return restored["state"]
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once a preemption notice (SIGTERM under jax.distributed's
+        preemption service) has been agreed on for this step."""
+        return self._manager.reached_preemption(step)
+
+    def wait(self):
+        self._manager.wait_until_finished()
+
+    def close(self):
+        self._manager.close()
+
+
+class StopSignal:
+    """Records SIGTERM/SIGINT so the train loop can save and exit at the next step boundary.
+
+    Single-process runs only: under ``jax.distributed`` the preemption service owns SIGTERM
+    and ``Checkpointer.reached_preemption`` makes every process stop at the same step.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.received = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore_handlers(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

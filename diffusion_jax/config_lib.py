@@ -1,0 +1,192 @@
+"""Experiment configs: validation against the schema of ``config_defaults``, and builders.
+
+``validate`` runs before anything is compiled or written: every key must exist in the default
+config with a value of the same type, names must be among the valid choices, numbers within
+range; errors name the key (``training.batch_size``) and what would be valid.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from diffusion_jax import config_defaults, diffusion, losses, sampling, schedules
+from diffusion_jax.models import UNet
+
+TIMESTEP_SAMPLINGS = ("uniform", "importance")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config key has an unknown name, a wrong type or an impossible value."""
+
+
+def _check_schema(config, schema, prefix=""):
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"Unknown config key {path!r}; valid keys here: {sorted(schema)}")
+        value, expected = config[key], schema[key]
+        if isinstance(expected, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"Config key {path!r} must be a group of keys, got {value!r}")
+            _check_schema(value, expected, prefix=f"{path}.")
+            continue
+        if expected is None or value is None:
+            continue
+        ok = isinstance(value, type(expected))
+        if isinstance(expected, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(expected, int) and not isinstance(expected, bool):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(expected, (tuple, list)):
+            ok = isinstance(value, (tuple, list))
+        if not ok:
+            raise ConfigError(
+                f"Config key {path!r} must be {type(expected).__name__}, got "
+                f"{type(value).__name__} {value!r}"
+            )
+    missing = sorted(set(schema.keys()) - set(config.keys()))
+    if missing:
+        raise ConfigError(f"Config group {prefix or '<root>'!r} lacks keys {missing}")
+
+
+def _choice(config, path, valid):
+    value = _get(config, path)
+    if value not in valid:
+        raise ConfigError(f"Config key {path!r} is {value!r}; valid: {', '.join(valid)}")
+
+
+def _at_least(config, path, minimum):
+    value = _get(config, path)
+    if value < minimum:
+        raise ConfigError(f"Config key {path!r} must be >= {minimum}, got {value!r}")
+
+
+def _get(config, path):
+    for part in path.split("."):
+        config = config[part]
+    return config
+
+
+def validate(
+    config: ml_collections.ConfigDict, *, num_devices: int = 1, process_count: int = 1
+) -> ml_collections.ConfigDict:
+    """Checks ``config``; returns it unchanged or raises ``ConfigError`` naming the bad key."""
+    _check_schema(config, config_defaults.get_config())
+    _choice(config, "diffusion.schedule", schedules.BETA_SCHEDULES)
+    _choice(config, "diffusion.mean_type", diffusion.MEAN_TYPES)
+    _choice(config, "diffusion.var_type", diffusion.VAR_TYPES)
+    _choice(config, "diffusion.loss_type", losses.LOSS_TYPES)
+    _choice(config, "diffusion.loss_weighting", losses.LOSS_WEIGHTINGS)
+    _choice(config, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS)
+    _choice(config, "training.compute_dtype", tuple(COMPUTE_DTYPES))
+    _choice(config, "sampling.method", sampling.SAMPLING_METHODS)
+    for path in (
+        "diffusion.num_timesteps",
+        "training.batch_size",
+        "training.num_steps",
+        "training.grad_accum_steps",
+        "training.fsdp",
+        "training.log_every",
+        "training.checkpoint_every",
+        "training.keep_checkpoints",
+        "sampling.num_samples",
+        "data.image_size",
+        "data.channels",
+        "model.ch",
+        "model.num_res_blocks",
+    ):
+        _at_least(config, path, 1)
+    for path in (
+        "training.sample_every",
+        "sampling.num_steps",
+        "optim.warmup_steps",
+        "data.num_workers",
+        "data.prefetch",
+        "sampling.eta",
+    ):
+        _at_least(config, path, 0)
+    if not 0.0 <= config.model.dropout < 1.0:
+        raise ConfigError(
+            f"Config key 'model.dropout' must lie in [0, 1), got {config.model.dropout}"
+        )
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        raise ConfigError(
+            f"Config key 'optim.ema_decay' must lie in [0, 1), got {config.optim.ema_decay}"
+        )
+    if not config.optim.learning_rate > 0:
+        raise ConfigError(
+            f"Config key 'optim.learning_rate' must be > 0, got {config.optim.learning_rate}"
+        )
+    if config.sampling.num_steps > config.diffusion.num_timesteps:
+        raise ConfigError(
+            f"Config key 'sampling.num_steps' ({config.sampling.num_steps}) exceeds "
+            f"'diffusion.num_timesteps' ({config.diffusion.num_timesteps})"
+        )
+    if (
+        config.diffusion.timestep_sampling == "importance"
+        and config.diffusion.loss_type == "simple"
+    ):
+        raise ConfigError(
+            "Config key 'diffusion.timestep_sampling' is 'importance', which needs the VLB term: "
+            "set 'diffusion.loss_type' to 'vlb' or 'hybrid'"
+        )
+    levels = len(config.model.ch_mult)
+    if config.data.image_size % 2 ** (levels - 1):
+        raise ConfigError(
+            f"Config key 'data.image_size' ({config.data.image_size}) must be divisible by "
+            f"2**(len(model.ch_mult) - 1) = {2 ** (levels - 1)}"
+        )
+    batch, accum, fsdp = (
+        config.training.batch_size,
+        config.training.grad_accum_steps,
+        config.training.fsdp,
+    )
+    if num_devices % fsdp:
+        raise ConfigError(
+            f"Config key 'training.fsdp' ({fsdp}) must divide the number of devices ({num_devices})"
+        )
+    if batch % (num_devices * accum):
+        raise ConfigError(
+            f"Config key 'training.batch_size' ({batch}) must be divisible by the number of "
+            f"devices ({num_devices}) x 'training.grad_accum_steps' ({accum})"
+        )
+    if batch % process_count:
+        raise ConfigError(
+            f"Config key 'training.batch_size' ({batch}) must be divisible by the number of "
+            f"processes ({process_count})"
+        )
+    return config
+
+
+def make_schedule(config) -> schedules.Schedule:
+    """The training process of ``config.diffusion``."""
+    return schedules.Schedule.create(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+
+def make_sampling_schedule(config) -> schedules.Schedule:
+    """The process the sampler reverses: all T steps, or ``sampling.num_steps`` respaced."""
+    betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
+    if config.sampling.num_steps in (0, config.diffusion.num_timesteps):
+        return schedules.Schedule.from_betas(betas)
+    kept = schedules.space_timesteps(config.diffusion.num_timesteps, config.sampling.num_steps)
+    return schedules.respace(betas, kept)
+
+
+def make_model(config, num_classes: int | None = None) -> UNet:
+    """The U-Net of ``config.model``; output channels doubled for a learned variance."""
+    channels = config.data.channels
+    if config.diffusion.var_type == "learned_range":
+        channels *= 2
+    return UNet(
+        ch=config.model.ch,
+        ch_mult=tuple(config.model.ch_mult),
+        num_res_blocks=config.model.num_res_blocks,
+        attn_resolutions=tuple(config.model.attn_resolutions),
+        dropout=config.model.dropout,
+        out_channels=channels,
+        resamp_with_conv=config.model.resamp_with_conv,
+        num_classes=num_classes if config.model.class_conditional else None,
+        dtype=COMPUTE_DTYPES[config.training.compute_dtype],
+    )

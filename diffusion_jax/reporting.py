@@ -1,0 +1,100 @@
+"""What a run shows: a progress line, TensorBoard scalars and image grids as PNG.
+
+Only process 0 writes; the other processes get no-op writers, so callers need no branches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import time
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """Tiles ``[N, H, W, C]`` images in [-1, 1] into one uint8 ``[rows*H, cols*W, C]`` grid
+    (as square as N allows), 1-pixel gaps."""
+    images = np.asarray(images, np.float32)
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    pixels = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
+    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 255, np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = pixels[i]
+    return grid
+
+
+def save_png(path, images: np.ndarray, *, scale: int = 1) -> pathlib.Path:
+    """Writes an image grid of ``images`` to ``path`` (nearest-neighbour upscaled by scale)."""
+    grid = image_grid(images)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    return path
+
+
+class Reporter:
+    """Progress lines, TensorBoard scalars and sample grids of one run (process 0 only)."""
+
+    def __init__(self, workdir, *, total_steps: int, batch_size: int, active: bool):
+        self.workdir = pathlib.Path(workdir)
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self.active = active
+        self._writer = None
+        if active:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._last_time = None
+        self._last_step = None
+
+    def start(self, step: int):
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def log_train(self, step: int, metrics: dict[str, float]):
+        """Logs averaged metrics at ``step``, with throughput since the last call and ETA."""
+        now = time.perf_counter()
+        steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        if not self.active:
+            return
+        eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+        eta_text = str(datetime.timedelta(seconds=int(eta))) if np.isfinite(eta) else "?"
+        logging.info(
+            "step %d/%d | loss %.4f | grad_norm %.3f | %.2f steps/s | %.1f img/s | ETA %s",
+            step,
+            self.total_steps,
+            metrics["loss"],
+            metrics["grad_norm"],
+            steps_per_s,
+            steps_per_s * self.batch_size,
+            eta_text,
+        )
+        scalars = dict(
+            metrics, steps_per_sec=steps_per_s, images_per_sec=steps_per_s * self.batch_size
+        )
+        for name, value in scalars.items():
+            self._writer.add_scalar(f"train/{name}", value, step)
+        self._writer.flush()
+
+    def save_samples(self, step: int, images: np.ndarray) -> pathlib.Path | None:
+        if not self.active:
+            return None
+        scale = max(1, 256 // (images.shape[1] * int(np.ceil(np.sqrt(len(images))))))
+        path = save_png(self.workdir / "samples" / f"step_{step:08d}.png", images, scale=scale)
+        self._writer.add_image("samples", image_grid(images), step, dataformats="HWC")
+        self._writer.flush()
+        logging.info("step %d | wrote %s", step, path)
+        return path
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()

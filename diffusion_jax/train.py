@@ -1,0 +1,222 @@
+"""Trains a diffusion model: ``python -m diffusion_jax.train --config=configs/digits.py --workdir=DIR``.
+
+The loop: validate config -> data -> mesh -> state (restored from ``workdir`` when a checkpoint
+exists) -> jitted sharded train step -> progress/TensorBoard/sample grids -> async checkpoints,
+and a final save on SIGTERM/preemption. Multi-host: the same program on every process, after
+``jax.distributed.initialize`` (see ``launch/``).
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import math
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    None,
+    "Number of CPU devices this process exposes (--xla_force_host_platform_device_count).",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0 for jax.distributed; with --num_processes and --process_id. "
+    "On TPU pods and SLURM use --distributed instead (auto-detected).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with auto-detected settings."
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm became NaN/inf."""
+
+
+def _check_finite(step_metrics: list[dict], first_step: int):
+    for offset, metrics in enumerate(step_metrics):
+        bad = [k for k in ("loss", "grad_norm") if not _is_finite(metrics[k])]
+        if bad:
+            raise NonFiniteLossError(
+                f"Non-finite {', '.join(bad)} at step {first_step + offset + 1} "
+                f"({', '.join(f'{k}={metrics[k]}' for k in bad)}). Stopping without saving; the "
+                "last checkpoint is intact. Lower optim.learning_rate, raise "
+                "optim.warmup_steps or check the data."
+            )
+
+
+def _is_finite(value) -> bool:
+    return math.isfinite(float(value))
+
+
+def train_and_evaluate(config, workdir) -> dict[str, float]:
+    """Runs (or resumes) training in ``workdir``; returns the last logged metrics."""
+    import jax
+    import numpy as np
+
+    from diffusion_jax import (
+        checkpointing,
+        config_lib,
+        input_pipeline,
+        reporting,
+        sharding,
+        train_step,
+    )
+
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    workdir = pathlib.Path(workdir)
+    tcfg = config.training
+    image_shape, num_classes = input_pipeline.dataset_spec(config.data)
+    data_iterator = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=tcfg.batch_size, seed=config.seed
+    )
+    mesh = sharding.make_mesh(tcfg.fsdp)
+    model = config_lib.make_model(config, num_classes)
+    schedule = config_lib.make_schedule(config)
+    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+    abstract, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+
+    checkpointer = checkpointing.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = train_step.create_train_state(config, model, optimizer, image_shape, mesh)
+    else:
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        state = checkpointer.restore(latest, target, data_iterator)
+        logging.info("Resumed from step %d in %s", latest, checkpointer.directory)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    step_fn = train_step.make_train_step(
+        config, model, schedule, optimizer, lr_schedule, mesh, shardings
+    )
+    sample_fn = (
+        train_step.make_sample_fn(config, model, mesh, shardings.ema_params)
+        if tcfg.sample_every
+        else None
+    )
+    reporter = reporting.Reporter(
+        workdir,
+        total_steps=tcfg.num_steps,
+        batch_size=tcfg.batch_size,
+        active=jax.process_index() == 0,
+    )
+    stop = checkpointing.StopSignal() if jax.process_count() == 1 else None
+    step = int(jax.device_get(state.step))
+    reporter.start(step)
+    pending: list = []  # device metrics of the steps since the last check
+    last_logged: dict[str, float] = {}
+
+    def drain():
+        nonlocal pending
+        fetched = jax.device_get(pending)
+        _check_finite(fetched, step - len(fetched))
+        pending = []
+        return fetched
+
+    try:
+        while step < tcfg.num_steps:
+            batch = sharding.global_batch(mesh, next(data_iterator))
+            state, metrics = step_fn(state, batch)
+            step += 1
+            pending.append(metrics)
+            if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+                fetched = drain()
+                last_logged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                reporter.log_train(step, last_logged)
+            if sample_fn is not None and step % tcfg.sample_every == 0:
+                images = jax.device_get(
+                    sample_fn(state.ema_params, jax.random.PRNGKey(config.seed + step))
+                )
+                reporter.save_samples(step, images)
+            stopping = (stop is not None and stop.received) or checkpointer.reached_preemption(step)
+            if stopping or step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
+                drain()
+                checkpointer.save(step, state, data_iterator, force=stopping)
+            if stopping:
+                logging.info(
+                    "Stop requested (%s): saved step %d, exiting.",
+                    stop.received if stop else "preemption",
+                    step,
+                )
+                break
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        reporter.close()
+        if stop is not None:
+            stop.restore_handlers()
+    return last_logged
+
+
+def _init_runtime():
+    """Device count and multi-process setup; must run before JAX initialises a backend."""
+    if _CPU_DEVICES.value:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
+        )
+    import jax
+
+    if _COORDINATOR.value or _DISTRIBUTED.value:
+        if jax.config.jax_platforms in (None, "", "cpu") and _CPU_DEVICES.value:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    logging.info(
+        "JAX %s: process %d/%d, %d local / %d global devices (%s)",
+        jax.__version__,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drops the INFO chatter of orbax and grain (one line per file written) from the log."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or not any(
+            f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain")
+        )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    _init_runtime()
+    from diffusion_jax import checkpointing, config_lib
+
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (
+        config_lib.ConfigError,
+        checkpointing.CheckpointError,
+        NonFiniteLossError,
+        ValueError,
+    ) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
