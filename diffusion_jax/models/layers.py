@@ -1,0 +1,161 @@
+"""Building blocks of the DDPM U-Net (Ho et al. 2020, appendix B).
+
+All modules take NHWC activations. `dtype` is the compute dtype; parameters are always
+created in float32. Initialisers follow the reference implementation: variance scaling
+(fan_avg, uniform) with scale 1, and zero for the last layer of every residual branch
+(second conv of a ResBlock, attention output projection) so that each block starts as
+the identity; the U-Net's output conv is zero-initialised too.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zero_init = nn.initializers.zeros
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in the DDPM code.
+
+    Frequencies are `exp(-ln(10000) * k / (dim/2 - 1))` for `k = 0 .. dim/2-1`; the result
+    is `[sin(t * f), cos(t * f)]` concatenated (sines first).
+
+    Args:
+      t: [B] int or float timesteps (zero-based, used as-is).
+      dim: even embedding size.
+    Returns:
+      [B, dim] float32.
+    """
+    if dim % 2:
+        raise ValueError(f"timestep embedding dim must be even, got {dim}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class Conv3x3(nn.Module):
+    """3x3 convolution with bias, 'SAME' padding ([B,H,W,Cin] -> [B,H/s,W/s,features]).
+
+    With stride 2 on even sizes the padding is (0, 1) on each spatial axis, as in
+    TensorFlow's 'SAME' that the reference used.
+    """
+
+    features: int
+    stride: int = 1
+    kernel_init: Any = default_init
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (3, 3, cin, self.features), jnp.float32)
+        bias = self.param("bias", zero_init, (self.features,), jnp.float32)
+        x = x.astype(self.dtype)
+        pad = (1, 1) if self.stride == 1 else (0, 1)
+        y = jax.lax.conv_general_dilated(
+            x, kernel.astype(self.dtype), (self.stride, self.stride), (pad, pad),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + bias.astype(self.dtype)
+
+
+def group_norm(num_groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
+    """GroupNorm(num_groups) with eps 1e-6 (the reference's), learned scale and bias."""
+    return nn.GroupNorm(
+        num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
+
+
+class ResBlock(nn.Module):
+    """Residual block: GN-swish-conv, + Dense(swish(temb)), GN-swish-dropout-conv, + skip.
+
+    x: [B,H,W,Cin], temb: [B,E] -> [B,H,W,out_ch]. A 1x1 projection (with bias) maps the
+    skip path when Cin != out_ch.
+    """
+
+    out_ch: int
+    dropout: float
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
+        h = Conv3x3(self.out_ch, dtype=self.dtype, name="conv1")(h)
+        h = h + nn.Dense(
+            self.out_ch, kernel_init=default_init, dtype=self.dtype, param_dtype=jnp.float32,
+            name="temb_proj",
+        )(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Conv3x3(self.out_ch, kernel_init=zero_init, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_ch:
+            x = nn.Dense(
+                self.out_ch, kernel_init=default_init, dtype=self.dtype,
+                param_dtype=jnp.float32, name="skip",
+            )(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with residual connection.
+
+    x: [B,H,W,C] -> [B,H,W,C]. q, k, v and the output projection are C->C Dense layers with
+    bias (4C^2 + 4C parameters) plus the GroupNorm's 2C. Logits and softmax in float32.
+    """
+
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, H, W, C = x.shape
+        h = group_norm(self.num_groups, self.dtype, "norm")(x)
+
+        def proj(name, init=default_init):
+            return nn.Dense(C, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
+                            name=name)
+
+        q = proj("q")(h).reshape(B, H * W, C)
+        k = proj("k")(h).reshape(B, H * W, C)
+        v = proj("v")(h).reshape(B, H * W, C)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * (C ** -0.5), axis=-1).astype(self.dtype)
+        h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(B, H, W, C)
+        return x + proj("proj_out", zero_init)(h)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: stride-2 3x3 conv (or 2x2 average pooling). [B,H,W,C] -> [B,H/2,W/2,C]."""
+
+    with_conv: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.with_conv:
+            return Conv3x3(x.shape[-1], stride=2, dtype=self.dtype, name="op")(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest neighbour, then a 3x3 conv if with_conv. [B,H,W,C] -> [B,2H,2W,C]."""
+
+    with_conv: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, H, W, C = x.shape
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+        x = x.reshape(B, 2 * H, 2 * W, C)
+        if self.with_conv:
+            x = Conv3x3(C, dtype=self.dtype, name="op")(x)
+        return x
