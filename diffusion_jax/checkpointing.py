@@ -3,14 +3,19 @@
 Every process takes part in every save and restore (orbax coordinates them; a save on one
 process only would hang the others). Saves are asynchronous: the train loop continues while
 the arrays are written, and a checkpoint only becomes visible (``latest_step``) once it is
-complete, so a run killed in the middle of a save restarts from the previous one.
+complete, so a run killed in the middle of a save restarts from the previous one. The
+half-written ``<step>.orbax-checkpoint-tmp`` directory such a kill leaves is deleted when the
+next run starts (it would otherwise stay forever when no later save reuses that step, as after a
+stop-signal save cut short by SIGKILL).
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import signal
 
+import jax
 import orbax.checkpoint as ocp
 
 from diffusion_jax import input_pipeline
@@ -30,6 +35,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 create=True,
+                cleanup_tmp_directories=True,
                 enable_async_checkpointing=async_save,
             ),
             item_names=("state", "data"),
@@ -50,15 +56,18 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores the state onto the shardings of ``abstract_state`` (any device count) and
-        moves ``data_iterator`` to the saved position."""
+        moves ``data_iterator`` to the saved position (saved by any number of processes)."""
+        data_dir = self.directory / str(step) / "data"
+        # grain names the iterator file of each process after the process count of the save.
+        own_file = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        same_processes = own_file.exists()
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if same_processes:
+            items["data"] = input_pipeline.iterator_checkpoint_args(data_iterator, restore=True)
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=input_pipeline.iterator_checkpoint_args(data_iterator, restore=True),
-                ),
-            )
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            if not same_processes:
+                _restore_position_saved_by_other_processes(data_dir, data_iterator)
         except Exception as e:  # orbax raises many types; all mean "this one is unusable"
             raise CheckpointError(
                 f"Cannot restore checkpoint {step} in {self.directory}: {type(e).__name__}: {e}. "
@@ -77,6 +86,21 @@ class Checkpointer:
 
     def close(self):
         self._manager.close()
+
+
+def _restore_position_saved_by_other_processes(data_dir: pathlib.Path, data_iterator):
+    """Moves ``data_iterator`` to the position saved by a run with another process count.
+
+    Every process iterates over the same sequence of global batches (it only keeps its own rows
+    of each), so all processes saved the same position: any of their files will do.
+    """
+    positions = {path.read_text() for path in data_dir.glob("process_*-of-*.json")}
+    if len(positions) != 1:
+        raise ValueError(
+            f"expected one data iterator position in {data_dir}, found {len(positions)}"
+        )
+    data_iterator.set_state(json.loads(positions.pop()))
+    data_iterator.start_prefetch()
 
 
 class StopSignal:

@@ -1,4 +1,6 @@
-"""Trains a diffusion model: ``python -m diffusion_jax.train --config=configs/digits.py --workdir=DIR``.
+"""Trains a diffusion model.
+
+``python -m diffusion_jax.train --config=configs/digits.py --workdir=DIR``
 
 The loop: validate config -> data -> mesh -> state (restored from ``workdir`` when a checkpoint
 exists) -> jitted sharded train step -> progress/TensorBoard/sample grids -> async checkpoints,
@@ -35,6 +37,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with auto-detected settings."
 )
+
+
+CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -75,6 +80,11 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     workdir = pathlib.Path(workdir)
     tcfg = config.training
     image_shape, num_classes = input_pipeline.dataset_spec(config.data)
+    if config.model.class_conditional and not num_classes:
+        raise config_lib.ConfigError(
+            f"Config key 'model.class_conditional' is True but data set {config.data.name!r} "
+            "has no class labels"
+        )
     data_iterator = input_pipeline.create_train_iterator(
         config.data, global_batch_size=tcfg.batch_size, seed=config.seed
     )
@@ -160,17 +170,29 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     return last_logged
 
 
+def _jaxlib_at_least(*version: int) -> bool:
+    import jaxlib.version  # does not start a backend
+
+    return jaxlib.version.__version_info__[: len(version)] >= version
+
+
 def _init_runtime():
     """Device count and multi-process setup; must run before JAX initialises a backend."""
+    xla_flags = os.environ.get("XLA_FLAGS", "")
     if _CPU_DEVICES.value:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
-        )
+        xla_flags += f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
+    if "xla_cpu_experimental_ynn_fusion_type" not in xla_flags and _jaxlib_at_least(0, 10):
+        # XLA:CPU's own (Eigen) convolutions: YNNPACK's weight-gradient convolutions make the
+        # train step 10-30% slower (bench/unet.py). CPU-only; ignored on accelerators; older
+        # jaxlibs do not know the flag and would abort on it.
+        xla_flags += f" {CPU_CONV_FLAG}"
+    os.environ["XLA_FLAGS"] = xla_flags.strip()
     import jax
 
     if _COORDINATOR.value or _DISTRIBUTED.value:
-        if jax.config.jax_platforms in (None, "", "cpu") and _CPU_DEVICES.value:
+        if jax.config.jax_platforms in (None, "", "cpu"):
+            # Collectives across the CPU devices of several processes, also without
+            # --cpu_devices (the default implementation depends on the JAX version).
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Runs the training program as NUM_PROCESSES processes x DEVICES_PER_PROCESS CPU devices on this
+# machine, connected by jax.distributed over loopback (gloo collectives): a multi-host run in
+# miniature, for tests and for debugging sharding without a pod.
+#
+# Usage: launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS -- [program flags...]
+#   e.g. launch/local.sh 2 2 -- --config=configs/digits.py --workdir=/tmp/digits
+#
+# Environment variables:
+#   PYTHON       interpreter that runs `-m diffusion_jax.train` (default: python3)
+#   PORT         coordinator port on 127.0.0.1 (default: a free port picked by the OS)
+#   LOG_DIR      if set, process i writes to $LOG_DIR/process_<i>.log instead of the terminal
+#                (where its lines are prefixed with "[i] ")
+#   KILL_AFTER   seconds the surviving processes get to exit after one fails or a signal
+#                arrives, before they are killed with SIGKILL (default: 60)
+#   JAX_PLATFORMS  defaults to "cpu", so that processes do not compete for an accelerator
+#
+# Waits for all processes. SIGINT and SIGTERM are forwarded to every process as SIGTERM (the
+# program saves a checkpoint and exits). If a process fails, the others are sent SIGTERM (they
+# cannot continue without it). The exit status is that of the first process that failed, or 0.
+set -euo pipefail
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+if [[ $# -lt 3 || $3 != "--" ]]; then
+    usage
+fi
+num_processes=$1
+devices_per_process=$2
+shift 3
+if ! [[ $num_processes =~ ^[1-9][0-9]*$ && $devices_per_process =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: NUM_PROCESSES and DEVICES_PER_PROCESS must be positive integers" >&2
+    usage
+fi
+
+python=${PYTHON:-python3}
+kill_after=${KILL_AFTER:-60}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+port=${PORT:-$("$python" -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')}
+if [[ -n ${LOG_DIR:-} ]]; then
+    mkdir -p "$LOG_DIR"
+fi
+
+running=()
+stopping=0
+# Sends SIGTERM to the processes still running, then SIGKILL after $kill_after seconds.
+stop_all() {
+    if ((stopping)); then
+        return
+    fi
+    stopping=1
+    kill -TERM "${running[@]}" 2>/dev/null || true
+    (
+        sleep "$kill_after"
+        kill -KILL "${running[@]}" 2>/dev/null || true
+    ) >/dev/null 2>&1 &
+    watchdog=$!
+}
+trap 'echo "local.sh: signal received, stopping all processes" >&2; stop_all' INT TERM
+
+for ((i = 0; i < num_processes && !stopping; i++)); do
+    args=(
+        -m diffusion_jax.train
+        --cpu_devices="$devices_per_process"
+        --coordinator_address="127.0.0.1:$port"
+        --num_processes="$num_processes"
+        --process_id="$i"
+        "$@"
+    )
+    if [[ -n ${LOG_DIR:-} ]]; then
+        "$python" "${args[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+    else
+        "$python" "${args[@]}" > >(sed -u "s/^/[$i] /") 2>&1 &
+    fi
+    running+=("$!")
+done
+
+status=0
+while ((${#running[@]} > 0)); do
+    finished=""
+    rc=0
+    wait -n -p finished "${running[@]}" || rc=$?
+    if [[ -z ${finished:-} ]]; then
+        continue # interrupted by a trapped signal
+    fi
+    for j in "${!running[@]}"; do
+        if [[ ${running[j]} == "$finished" ]]; then
+            unset "running[j]"
+        fi
+    done
+    running=("${running[@]}")
+    if ((rc != 0 && status == 0)); then
+        status=$rc
+        echo "local.sh: process with pid $finished exited with status $rc" >&2
+        stop_all
+    fi
+done
+if [[ -n ${watchdog:-} ]]; then
+    kill "$watchdog" 2>/dev/null || true
+fi
+wait # for the output filters to flush
+exit "$status"
