@@ -23,7 +23,7 @@ def get_config():
     config.optim.warmup_steps = 100
     config.optim.ema_decay = 0.995
     config.training.batch_size = 128
-    config.training.num_steps = 3000
+    config.training.num_steps = 2000
     config.training.log_every = 100
     config.training.checkpoint_every = 1000
     config.training.sample_every = 1000

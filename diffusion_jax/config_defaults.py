@@ -30,6 +30,7 @@ def get_config():
     model.attn_resolutions = (16,)
     model.dropout = 0.1
     model.resamp_with_conv = True
+    model.num_groups = 32  # GroupNorm groups; every level's channels must be divisible by it
     model.class_conditional = False
 
     config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -132,6 +132,14 @@ def validate(
             "Config key 'diffusion.timestep_sampling' is 'importance', which needs the VLB term: "
             "set 'diffusion.loss_type' to 'vlb' or 'hybrid'"
         )
+    _at_least(config, "model.num_groups", 1)
+    for mult in config.model.ch_mult:
+        if (config.model.ch * mult) % config.model.num_groups:
+            raise ConfigError(
+                f"Config key 'model.num_groups' ({config.model.num_groups}) must divide the "
+                f"channels of every level, model.ch * model.ch_mult = "
+                f"{[config.model.ch * m for m in config.model.ch_mult]}"
+            )
     levels = len(config.model.ch_mult)
     if config.data.image_size % 2 ** (levels - 1):
         raise ConfigError(
@@ -188,5 +196,6 @@ def make_model(config, num_classes: int | None = None) -> UNet:
         out_channels=channels,
         resamp_with_conv=config.model.resamp_with_conv,
         num_classes=num_classes if config.model.class_conditional else None,
+        num_groups=config.model.num_groups,
         dtype=COMPUTE_DTYPES[config.training.compute_dtype],
     )

@@ -16,13 +16,13 @@ from PIL import Image
 
 def image_grid(images: np.ndarray) -> np.ndarray:
     """Tiles ``[N, H, W, C]`` images in [-1, 1] into one uint8 ``[rows*H, cols*W, C]`` grid
-    (as square as N allows), 1-pixel gaps."""
+    (as square as N allows), separated by 1-pixel mid-grey lines."""
     images = np.asarray(images, np.float32)
     n, h, w, c = images.shape
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
     pixels = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
-    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 255, np.uint8)
+    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 128, np.uint8)
     for i in range(n):
         r, k = divmod(i, cols)
         grid[r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = pixels[i]

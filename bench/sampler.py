@@ -1,0 +1,229 @@
+"""Overhead of the scan samplers over the bare network they call.
+
+    python bench/sampler.py      # CIFAR-10 U-Net, batch 2, 1000 + 100 steps (slow on CPU)
+    python bench/sampler.py --ch 32 --steps 100 --respaced_steps 20 --repeats 2   # quick run
+
+For each sampler, the whole chain (``diffusion_jax.sampling.sample`` with the U-Net as
+``model_fn``, inside an outer jit taking the parameters as an argument, as
+``train_step.make_sample_fn`` does) is timed against a Python loop dispatching the jitted bare
+forward of the same network at the same batch once per step (each output fed to the next call,
+blocking only at the end). ``ratio = scan_s / loop_s``; the target is <= 1.05. Samplers:
+
+  - ``ancestral``: ``--steps`` steps (1000 = the full DDPM chain; fewer: the 1000-step process
+    respaced to that many);
+  - ``ancestral_respaced`` and ``ddim`` (eta=0): ``--respaced_steps`` steps (0 skips them);
+  - with ``--record_every N``, also ``ancestral`` recording the trajectory every N steps.
+
+Then the chain without the network (``model_fn`` a cheap elementwise function) with and
+without trajectory recording: the per-step cost of everything the sampler adds (posterior
+mean/variance, noise, ``timestep_map`` gather, recording). Timed rounds alternate scan and
+loop so that load from other processes hits both alike; the best wall times, all wall times
+and the best CPU times (of all this process's threads: ``cpu_ratio`` is the steadier figure
+on a shared machine, where the wall time includes waiting for a core) are reported.
+"""
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import emit, time_compile, timed  # noqa: E402
+
+from diffusion_jax import sampling, schedules  # noqa: E402
+from diffusion_jax.models import UNet  # noqa: E402
+
+NUM_TIMESTEPS = 1000  # the trained process; shorter chains are respacings of it
+
+
+def make_schedule(num_steps: int) -> schedules.Schedule:
+    """The linear 1000-step DDPM process, respaced to ``num_steps`` when fewer."""
+    betas = schedules.get_betas("linear", NUM_TIMESTEPS)
+    if num_steps == NUM_TIMESTEPS:
+        return schedules.Schedule.from_betas(betas)
+    return schedules.respace(betas, schedules.space_timesteps(NUM_TIMESTEPS, num_steps))
+
+
+def make_sampler(model_fn_of, schedule, shape, **sample_kw):
+    """Jitted ``(params, rng) -> x0``: the scan sampler with ``model_fn_of(params)``."""
+
+    def run(params, rng):
+        out = sampling.sample(model_fn_of(params), schedule, shape, rng, **sample_kw)
+        return out if sample_kw.get("record_every") is None else out[0]
+
+    return jax.jit(run)
+
+
+def wall_and_cpu(fn) -> tuple[float, float]:
+    """Wall and CPU (all threads of this process) seconds of ``fn()``, blocked on."""
+    cpu = time.process_time()
+    _, wall = timed(fn)
+    return wall, time.process_time() - cpu
+
+
+def best(times: list[tuple[float, float]]) -> tuple[float, float]:
+    """The least wall and the least CPU time of ``(wall, cpu)`` pairs (not always one pair)."""
+    return tuple(min(ts) for ts in zip(*times, strict=True))
+
+
+def make_loop(forward, params, x, timesteps):
+    """``loop()`` dispatching ``forward`` once per timestep (chained); blocked on by the caller."""
+    t_batches = [jnp.full((x.shape[0],), t, jnp.int32) for t in timesteps]
+
+    def loop():
+        y = x
+        for t in t_batches:
+            y = forward(params, y, t)
+        return y
+
+    return loop
+
+
+def bench_network(args):
+    """Scan samplers vs the loop of bare forwards; one JSON line per sampler."""
+    model = UNet(
+        ch=args.ch,
+        ch_mult=args.ch_mult,
+        num_res_blocks=args.num_res_blocks,
+        num_groups=min(32, args.ch),
+    )
+    shape = (args.batch, args.image_size, args.image_size, 3)
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, shape)
+    t0 = jnp.zeros((args.batch,), jnp.int32)
+    params = jax.jit(lambda k: model.init(k, x, t0, train=False))(key)
+    forward = jax.jit(lambda p, x, t: model.apply(p, x, t, train=False))
+    forward_c, forward_compile_s = time_compile(forward, params, x, t0)
+    model_fn_of = lambda p: lambda x, t: model.apply(p, x, t, train=False)
+
+    configs = [("ancestral", args.steps, {})]
+    if args.respaced_steps:
+        configs += [
+            ("ancestral_respaced", args.respaced_steps, {}),
+            ("ddim", args.respaced_steps, {"method": "ddim", "eta": 0.0}),
+        ]
+    if args.record_every:
+        configs.append(
+            (
+                f"ancestral_record{args.record_every}",
+                args.steps,
+                {"record_every": args.record_every},
+            )
+        )
+
+    for name, num_steps, kw in configs:
+        schedule = make_schedule(num_steps)
+        sampler = make_sampler(model_fn_of, schedule, shape, **kw)
+        sampler_c, scan_compile_s = time_compile(sampler, params, key)
+        loop = make_loop(forward_c, params, x, schedule.timestep_map[::-1].tolist())
+        scan_t, loop_t = [], []
+        for r in range(args.warmup + args.repeats):
+            run = functools.partial(sampler_c, params, jax.random.PRNGKey(r))
+            scan_t.append(wall_and_cpu(run))
+            loop_t.append(wall_and_cpu(loop))
+        scan_t, loop_t = scan_t[args.warmup :], loop_t[args.warmup :]
+        (scan_s, scan_cpu_s), (loop_s, loop_cpu_s) = best(scan_t), best(loop_t)
+        emit(
+            bench=f"sampler_{name}",
+            steps=num_steps,
+            ch=args.ch,
+            batch=args.batch,
+            image_size=args.image_size,
+            scan_s=scan_s,
+            loop_s=loop_s,
+            ratio=scan_s / loop_s,
+            scan_cpu_s=scan_cpu_s,
+            loop_cpu_s=loop_cpu_s,
+            cpu_ratio=scan_cpu_s / loop_cpu_s,
+            scan_s_all=[w for w, _ in scan_t],
+            loop_s_all=[w for w, _ in loop_t],
+            forward_ms=1e3 * loop_s / num_steps,
+            compile_scan_s=scan_compile_s,
+            compile_forward_s=forward_compile_s,
+        )
+
+
+def bench_chain_only(args):
+    """The sampler's own per-step cost, with a network-free ``model_fn``."""
+    shape = (args.batch, args.image_size, args.image_size, 3)
+    schedule = make_schedule(args.steps)
+    model_fn_of = lambda scale: lambda x, t: scale * x
+    every = args.record_every or max(1, args.steps // 10)
+    for record_every in (None, every):
+        sampler = make_sampler(model_fn_of, schedule, shape, record_every=record_every)
+        sampler_c, compile_s = time_compile(sampler, 0.5, jax.random.PRNGKey(0))
+        times = [
+            wall_and_cpu(functools.partial(sampler_c, 0.5, jax.random.PRNGKey(r)))
+            for r in range(args.warmup + args.repeats)
+        ][args.warmup :]
+        wall, cpu = best(times)
+        emit(
+            bench="sampler_chain_only",
+            steps=args.steps,
+            batch=args.batch,
+            image_size=args.image_size,
+            record_every=record_every,
+            s=wall,
+            s_all=[w for w, _ in times],
+            cpu_s=cpu,
+            per_step_us=1e6 * wall / args.steps,
+            compile_s=compile_s,
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ch", type=int, default=128, help="U-Net base channels")
+    parser.add_argument(
+        "--ch_mult",
+        type=lambda s: tuple(int(m) for m in s.split(",")),
+        default=(1, 2, 2, 2),
+        help="comma-separated channel multipliers",
+    )
+    parser.add_argument("--num_res_blocks", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=NUM_TIMESTEPS,
+        help=f"ancestral chain length (<= {NUM_TIMESTEPS})",
+    )
+    parser.add_argument(
+        "--respaced_steps",
+        type=int,
+        default=100,
+        help="steps of the respaced ancestral and DDIM samplers; 0 skips them",
+    )
+    parser.add_argument(
+        "--record_every",
+        type=int,
+        default=0,
+        help="also time ancestral sampling recording the trajectory",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before them")
+    args = parser.parse_args(argv)
+    for name in ("steps", "respaced_steps"):
+        if not 0 <= getattr(args, name) <= NUM_TIMESTEPS:
+            parser.error(f"--{name} must lie in [0, {NUM_TIMESTEPS}]")
+    if min(args.steps, args.repeats, args.batch, args.warmup + 1) < 1:
+        parser.error("--steps, --repeats and --batch must be >= 1, --warmup >= 0")
+
+    emit(
+        bench="env",
+        jax=jax.__version__,
+        devices=str(jax.devices()),
+        cpu_count=os.cpu_count(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
+    bench_chain_only(args)
+    bench_network(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from diffusion_jax import reporting, sharding
+
+
+def test_param_spec_rule():
+    assert sharding.param_spec((3, 3, 128, 256), 1) == P()
+    assert sharding.param_spec((128,), 4) == P()  # too small to be worth sharding
+    assert sharding.param_spec((3, 3, 128, 256), 4) == P(None, None, None, "fsdp")
+    assert sharding.param_spec((3, 3, 130, 258), 4) == P()  # nothing divisible by 4
+    assert sharding.param_spec((512, 130), 2) == P("fsdp", None)
+
+
+def test_mesh_and_global_batch_single_process():
+    mesh = sharding.make_mesh(1)
+    assert mesh.axis_names == ("data", "fsdp") and mesh.devices.size == jax.device_count()
+    batch = sharding.global_batch(mesh, {"image": np.ones((4, 2, 2, 1), np.float32)})
+    assert batch["image"].shape == (4, 2, 2, 1)
+    assert batch["image"].sharding == sharding.batch_sharding(mesh)
+
+
+def test_image_grid_layout_and_png(tmp_path):
+    images = np.stack([np.full((2, 3, 1), v) for v in (-1.0, 0.0, 1.0)])
+    grid = reporting.image_grid(images)
+    # 3 images -> 2 columns x 2 rows of 2x3 tiles with 1-pixel grey gaps; -1 -> 0, 1 -> 255.
+    assert grid.shape == (2 * 3 - 1, 2 * 4 - 1, 1) and grid.dtype == np.uint8
+    assert grid[0, 0, 0] == 0 and grid[0, 4, 0] == 128 and grid[3, 0, 0] == 255
+    assert grid[2, 0, 0] == 128 and grid[0, 3, 0] == 128  # the gaps
+    path = reporting.save_png(tmp_path / "g.png", images, scale=2)
+    with Image.open(path) as im:
+        assert im.size == (14, 10) and im.mode == "L"
