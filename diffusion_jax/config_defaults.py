@@ -73,3 +73,19 @@ def get_config():
     sampling.eta = 0.0
     sampling.clip_denoised = True
     return config
+
+
+def get_config_256(data_name: str):
+    """DDPM's 256x256 recipe (Ho et al. 2020, Appendix B; CelebA-HQ and LSUN): ch_mult
+    (1,1,2,2,4,4), attention at 16x16, batch 64, dropout 0.0, lr 2e-5, EMA 0.9999."""
+    config = get_config()
+    config.data.name = data_name
+    config.data.image_size = 256
+    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+    config.model.attn_resolutions = (16,)
+    config.model.dropout = 0.0
+    config.optim.learning_rate = 2e-5
+    config.training.batch_size = 64
+    config.training.num_steps = 500_000
+    config.sampling.num_samples = 16
+    return config
