@@ -43,12 +43,12 @@ CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm became NaN/inf."""
+    """The loss, the gradient norm or the parameter update's norm became NaN/inf."""
 
 
 def _check_finite(step_metrics: list[dict], first_step: int):
     for offset, metrics in enumerate(step_metrics):
-        bad = [k for k in ("loss", "grad_norm") if not _is_finite(metrics[k])]
+        bad = [k for k in ("loss", "grad_norm", "update_norm") if not _is_finite(metrics[k])]
         if bad:
             raise NonFiniteLossError(
                 f"Non-finite {', '.join(bad)} at step {first_step + offset + 1} "

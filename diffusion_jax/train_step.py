@@ -116,8 +116,9 @@ def make_train_step(config, model, schedule, optimizer, lr_schedule, mesh, state
 
     ``batch = {"image": float32 [B, H, W, C], "label": int32 [B]}`` as global arrays sharded
     over the batch axes. Metrics are replicated scalars: ``loss`` (the optimised objective),
-    ``mse``, ``vlb_bpd`` (vlb/hybrid only), ``grad_norm``, ``learning_rate`` and
-    ``loss_q0..loss_q3`` (mean per-example loss in each quarter of [0, T)).
+    ``mse``, ``vlb_bpd`` (vlb/hybrid only), ``grad_norm``, ``update_norm`` (global norm of the
+    change applied to the parameters), ``learning_rate`` and ``loss_q0..loss_q3`` (mean
+    per-example loss in each quarter of [0, T)).
     """
     dcfg = config.diffusion
     batch_size = config.training.batch_size
@@ -196,6 +197,9 @@ def make_train_step(config, model, schedule, optimizer, lr_schedule, mesh, state
             "loss": jnp.sum(objs),
             "mse": jnp.mean(terms["mse"]),
             "grad_norm": optax.global_norm(grads),
+            # Finite loss and gradients can still give non-finite parameters (a learning rate
+            # beyond float32); a finite update norm rules that out before the state is saved.
+            "update_norm": optax.global_norm(updates),
             "learning_rate": lr_schedule(state.step),
         }
         if "vlb_bpd" in terms:

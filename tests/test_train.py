@@ -1,0 +1,553 @@
+"""Tests of the training program: exact resume after SIGKILL, SIGTERM, interrupted and corrupt
+checkpoints, non-finite loss, config errors, the CIFAR-10 configs and gradient accumulation.
+
+Most runs use a tiny network on the digits (``_TINY``), in-process where possible; the signal
+and exit-code checks run ``python -m diffusion_jax.train`` as a subprocess. Compiled programs
+are shared between all of them through a persistent compilation cache in a temporary directory.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from jax.experimental.compilation_cache import compilation_cache
+
+from diffusion_jax import checkpointing, config_lib, input_pipeline, train, train_step
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+_TINY = {
+    "model.ch": 32,
+    "model.ch_mult": (1,),
+    "model.attn_resolutions": (),
+    "model.num_res_blocks": 1,
+    "diffusion.num_timesteps": 50,
+    "training.batch_size": 16,
+    "training.log_every": 1,
+    "training.sample_every": 0,
+}
+# Steps of the reference run; it saves at _HALF and _STEPS.
+_STEPS, _HALF = 4, 2
+_SUBPROCESS_TIMEOUT_S = 300
+
+
+def _config(name="digits", **overrides) -> ml_collections.ConfigDict:
+    """``configs/<name>.py`` with ``overrides`` (dotted keys, as on the command line)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides.items():
+        *groups, leaf = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[leaf] = value
+    return config
+
+
+def _tiny(**overrides) -> ml_collections.ConfigDict:
+    return _config("digits", **{**_TINY, **overrides})
+
+
+def _flags(overrides: dict) -> list[str]:
+    return [f"--config.{key}={value!r}" for key, value in overrides.items()]
+
+
+def _env(cache_dir) -> dict[str, str]:
+    return dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+
+
+def _start(
+    workdir, log_path, cache_dir, *args, config_file="configs/digits.py"
+) -> subprocess.Popen:
+    """Starts the training program with the _TINY overrides; output goes to ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "diffusion_jax.train",
+                f"--config={config_file}",
+                f"--workdir={workdir}",
+                *_flags(_TINY),
+                *args,
+            ],
+            cwd=REPO,
+            env=_env(cache_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _run(workdir, log_path, cache_dir, *args):
+    """Runs the training program to the end; it must succeed."""
+    process = _start(workdir, log_path, cache_dir, *args)
+    process.wait(timeout=_SUBPROCESS_TIMEOUT_S)
+    assert process.returncode == 0, log_path.read_text()
+
+
+def _wait_for(condition, process, log_path, what):
+    deadline = time.monotonic() + _SUBPROCESS_TIMEOUT_S
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"exited ({process.returncode}) before {what}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting for {what}:\n{log_path.read_text()}")
+        time.sleep(0.02)
+
+
+def _steps(workdir) -> list[int]:
+    """Finalised checkpoint steps (orbax renames a save to ``<step>`` once complete)."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _read_checkpoint(workdir, step):
+    """``(train state as a tree of numpy arrays, data iterator state)`` as saved on disk."""
+    manager = ocp.CheckpointManager(
+        pathlib.Path(workdir).absolute() / "checkpoints",
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "data"),
+    )
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        manager.close()
+    data_file = pathlib.Path(workdir) / "checkpoints" / str(step) / "data" / "process_0-of-1.json"
+    return jax.device_get(restored["state"]), data_file.read_text()
+
+
+def _assert_trees_equal(expected, actual):
+    expected_leaves, expected_def = jax.tree_util.tree_flatten_with_path(expected)
+    actual_leaves, actual_def = jax.tree_util.tree_flatten_with_path(actual)
+    assert expected_def == actual_def
+    for (path, a), (_, b) in zip(expected_leaves, actual_leaves, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def _snapshot(directory) -> dict[str, str]:
+    """Every file under ``directory`` with a hash of its contents."""
+    root = pathlib.Path(directory)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _copy_checkpoints(source, workdir, steps):
+    for step in steps:
+        shutil.copytree(
+            pathlib.Path(source) / "checkpoints" / str(step),
+            pathlib.Path(workdir) / "checkpoints" / str(step),
+        )
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A persistent compilation cache for this module's in-process and subprocess runs."""
+    path = tmp_path_factory.mktemp("jax_cache")
+    previous = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    yield path
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """Workdir of a straight tiny run of _STEPS steps, checkpointed at _HALF and _STEPS."""
+    workdir = tmp_path_factory.mktemp("reference")
+    train.train_and_evaluate(
+        _tiny(**{"training.num_steps": _STEPS, "training.checkpoint_every": _HALF}), workdir
+    )
+    assert _steps(workdir) == [_HALF, _STEPS]
+    return workdir
+
+
+def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
+    # All three runs are the program itself: it sets XLA flags (the CPU convolution kernels) that
+    # this test process lacks, and those change the last bits of the results.
+    every_half = f"--config.training.checkpoint_every={_HALF}"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(
+        straight,
+        tmp_path / "straight.log",
+        cache_dir,
+        f"--config.training.num_steps={_STEPS}",
+        every_half,
+    )
+
+    log = tmp_path / "killed.log"
+    process = _start(
+        resumed,
+        log,
+        cache_dir,
+        "--config.training.num_steps=100000",
+        "--config.training.keep_checkpoints=100000",
+        every_half,
+    )
+    try:
+        _wait_for(
+            lambda: (resumed / "checkpoints" / str(_HALF)).is_dir(),
+            process,
+            log,
+            f"checkpoint {_HALF}",
+        )
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    # The process may have saved later steps before the kill landed; drop them so that the
+    # restart has to resume from _HALF (any in-flight save stays, as a kill would leave it).
+    for step in _steps(resumed):
+        if step > _HALF:
+            shutil.rmtree(resumed / "checkpoints" / str(step))
+    _run(
+        resumed,
+        tmp_path / "resumed.log",
+        cache_dir,
+        f"--config.training.num_steps={_STEPS}",
+        every_half,
+    )
+    assert f"Resumed from step {_HALF}" in (tmp_path / "resumed.log").read_text()
+
+    fresh = input_pipeline.create_train_iterator(
+        _tiny().data, global_batch_size=_TINY["training.batch_size"], seed=0
+    )
+    positions = {}
+    for step in (_HALF, _STEPS):
+        expected_state, expected_data = _read_checkpoint(straight, step)
+        state, data = _read_checkpoint(resumed, step)
+        # params, ema_params, opt_state (Adam moments and count), step, rng.
+        _assert_trees_equal(expected_state, state)
+        assert int(state["step"]) == step
+        # Data order: both runs stopped at the same position in the stream, and it is the
+        # position after exactly `step` batches, so the resumed run neither repeated nor
+        # skipped a batch (and equal params confirm the batches were the same).
+        while len(positions) < step:
+            next(fresh)
+            positions[len(positions) + 1] = fresh.get_state()
+        assert data == expected_data
+        assert json.loads(data) == positions[step]
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(cache_dir, tmp_path, monkeypatch):
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    num_steps = 100000
+    process = _start(
+        workdir,
+        log,
+        cache_dir,
+        f"--config.training.num_steps={num_steps}",
+        f"--config.training.checkpoint_every={num_steps}",
+    )
+    try:
+        _wait_for(lambda: "step 1/" in log.read_text(), process, log, "the first step")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=_SUBPROCESS_TIMEOUT_S)
+    finally:
+        process.kill()
+    assert process.returncode == 0, log.read_text()
+    [stopped_at] = _steps(workdir)
+    assert 1 <= stopped_at < num_steps
+    assert f"saved step {stopped_at}, exiting" in log.read_text()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("initialised a fresh train state instead of resuming")
+
+    monkeypatch.setattr(train_step, "create_train_state", fail)
+    train.train_and_evaluate(_tiny(**{"training.num_steps": stopped_at + 1}), workdir)
+    assert _steps(workdir) == [stopped_at, stopped_at + 1]
+    state, _ = _read_checkpoint(workdir, stopped_at + 1)
+    assert int(state["step"]) == stopped_at + 1
+
+
+def test_interrupted_save_is_ignored_and_cleaned_up(reference, tmp_path):
+    """A kill during an async save leaves ``<step>.orbax-checkpoint-tmp`` (orbax 0.12 writes
+    there and renames to ``<step>`` when complete). Plant two such half-written saves next to
+    the complete checkpoint at _HALF: the run resumes from _HALF as if they were not there."""
+    workdir = tmp_path / "run"
+    _copy_checkpoints(reference, workdir, [_HALF])
+    for step in (_HALF + 1, _STEPS):  # a stop-signal save that was killed; a periodic one
+        partial = workdir / "checkpoints" / f"{step}.orbax-checkpoint-tmp"
+        shutil.copytree(reference / "checkpoints" / str(_STEPS), partial)
+        for item in ("state", "data"):
+            (partial / item).rename(partial / f"{item}.orbax-checkpoint-tmp")
+        for path in partial.rglob("commit_success.txt"):
+            path.unlink()
+        for path in (partial / "state.orbax-checkpoint-tmp").rglob("*"):
+            if path.is_file():
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    train.train_and_evaluate(
+        _tiny(**{"training.num_steps": _STEPS, "training.checkpoint_every": _HALF}), workdir
+    )
+
+    assert _steps(workdir) == [_HALF, _STEPS]
+    assert not list((workdir / "checkpoints").glob("*orbax-checkpoint-tmp*"))
+    expected_state, expected_data = _read_checkpoint(reference, _STEPS)
+    state, data = _read_checkpoint(workdir, _STEPS)
+    _assert_trees_equal(expected_state, state)
+    assert data == expected_data
+
+
+def test_corrupt_checkpoint_fails_clearly_and_is_left_untouched(reference, cache_dir, tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    _copy_checkpoints(reference, workdir, [_HALF, _STEPS])
+    for path in (workdir / "checkpoints" / str(_STEPS) / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":  # the array data files
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    before = _snapshot(workdir / "checkpoints")
+
+    process = _start(workdir, log, cache_dir, f"--config.training.num_steps={_STEPS + 2}")
+    process.wait(timeout=_SUBPROCESS_TIMEOUT_S)
+
+    output = log.read_text()
+    assert process.returncode != 0
+    assert f"error: Cannot restore checkpoint {_STEPS} in {workdir / 'checkpoints'}" in output
+    assert _snapshot(workdir / "checkpoints") == before
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("learning_rate", [1e30, 1e39])
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(reference, tmp_path, learning_rate):
+    """The first step moves every parameter by about the learning rate (Adam), which
+    overflows the update's norm (1e30) or the parameters themselves (1e39 is inf in float32)
+    while that step's loss and gradients are still finite; nothing of it may be saved."""
+    workdir = tmp_path / "run"
+    _copy_checkpoints(reference, workdir, [_HALF, _STEPS])
+    before = _snapshot(workdir / "checkpoints")
+    config = _tiny(
+        **{
+            "optim.learning_rate": learning_rate,
+            "optim.warmup_steps": 0,
+            "training.num_steps": _STEPS + 4,
+            "training.checkpoint_every": 1,
+            "training.log_every": 100,
+        }
+    )
+
+    with pytest.raises(train.NonFiniteLossError, match=f"update_norm at step {_STEPS + 1} "):
+        train.train_and_evaluate(config, workdir)
+
+    assert _snapshot(workdir / "checkpoints") == before
+    state, _ = _read_checkpoint(workdir, _STEPS)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state))
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Fails the test if the program gets as far as building the state, step or checkpoints."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("built the model or checkpoints despite a bad config")
+
+    monkeypatch.setattr(train_step, "create_train_state", fail)
+    monkeypatch.setattr(train_step, "make_train_step", fail)
+    monkeypatch.setattr(checkpointing, "Checkpointer", fail)
+
+
+def _replace_group(config, group, **values):
+    """Replaces a whole group, which bypasses ConfigDict's type checks on assignment (as a
+    config file that builds its groups from dicts does)."""
+    config[group] = ml_collections.ConfigDict({**config[group].to_dict(), **values})
+    return config
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (_tiny(**{"training.bach_size": 3}), "Unknown config key 'training.bach_size'"),
+        (
+            _replace_group(_tiny(), "training", batch_size="16"),
+            "'training.batch_size' must be int, got str '16'",
+        ),
+        (
+            _tiny(**{"diffusion.schedule": "cosine2"}),
+            "'diffusion.schedule' is 'cosine2'; valid: linear, cosine, ",
+        ),
+        (
+            _tiny(**{"diffusion.mean_type": "epsilon"}),
+            "'diffusion.mean_type' is 'epsilon'; valid: eps, x0, v, mu",
+        ),
+        (
+            _tiny(**{"diffusion.var_type": "learned"}),
+            "'diffusion.var_type' is 'learned'; valid: fixed_small, fixed_large, learned_range",
+        ),
+        (
+            _tiny(**{"diffusion.loss_type": "l2"}),
+            "'diffusion.loss_type' is 'l2'; valid: simple, vlb, hybrid",
+        ),
+        (_tiny(**{"diffusion.num_timesteps": 0}), "'diffusion.num_timesteps' must be >= 1, got 0"),
+        (_tiny(**{"model.dropout": 1.0}), "'model.dropout' must lie in [0, 1), got 1.0"),
+        (_tiny(**{"model.dropout": -0.1}), "'model.dropout' must lie in [0, 1), got -0.1"),
+        (
+            _tiny(**{"model.ch_mult": (1, 2, 2, 2, 2)}),
+            "'data.image_size' (8) must be divisible by 2**(len(model.ch_mult) - 1) = 16",
+        ),
+    ],
+)
+def test_bad_config_fails_before_anything_is_built(config, message, tmp_path, nothing_built):
+    workdir = tmp_path / "run"
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        train.train_and_evaluate(config, workdir)
+    assert not workdir.exists()
+
+
+def test_batch_not_divisible_by_devices():
+    valid = config_lib.validate(_tiny(), num_devices=4)
+    assert valid.training.batch_size == 16
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=re.escape(
+            "'training.batch_size' (16) must be divisible by the number of devices (3)"
+        ),
+    ):
+        config_lib.validate(_tiny(), num_devices=3)
+
+
+def test_images_of_the_wrong_shape(tmp_path, nothing_built):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"\(16, 16, 1\).*\(8, 8, 1\)"):
+        train.train_and_evaluate(_tiny(**{"data.image_size": 16}), workdir)
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.training.bach_size=3", 'Did you mean "batch_size" instead of "bach_size"?'),
+        ("--config.training.batch_size=abc", "flag --config.training.batch_size=abc: invalid"),
+    ],
+)
+def test_bad_key_or_value_on_the_command_line(flag, message, cache_dir, tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    process = _start(workdir, log, cache_dir, flag)
+    process.wait(timeout=_SUBPROCESS_TIMEOUT_S)
+    assert process.returncode != 0
+    assert message in log.read_text()
+    assert not workdir.exists()
+
+
+def test_unknown_key_in_a_config_file(cache_dir, tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    config_file = tmp_path / "typo.py"
+    config_file.write_text(
+        "from diffusion_jax import config_defaults\n\n\n"
+        "def get_config():\n"
+        "    config = config_defaults.get_config()\n"
+        "    config.training.bach_size = 3\n"
+        "    return config\n"
+    )
+    process = _start(workdir, log, cache_dir, config_file=config_file)
+    process.wait(timeout=_SUBPROCESS_TIMEOUT_S)
+    assert process.returncode != 0
+    assert "error: Unknown config key 'training.bach_size'" in log.read_text()
+    assert not workdir.exists()
+
+
+def _assert_finite(metrics):
+    assert metrics and all(np.isfinite(value) for value in metrics.values()), metrics
+
+
+_REDUCED_NETWORK = {
+    "model.ch": 32,
+    "model.ch_mult": (1, 2),
+    "model.num_res_blocks": 1,
+    "training.batch_size": 2,
+    "training.log_every": 1,
+    "training.sample_every": 0,
+}
+
+
+def test_cifar10_config_reduced_network_on_mock_data(tmp_path):
+    config = _config("cifar10", **{**_REDUCED_NETWORK, "training.num_steps": 1})
+    with tfds.testing.mock_data(num_examples=8):
+        metrics = train.train_and_evaluate(config, tmp_path)
+    _assert_finite(metrics)
+    assert _steps(tmp_path) == [1]
+
+
+def test_improved_ddpm_config_reduced_network_on_mock_data(tmp_path):
+    config = _config("cifar10_improved", **{**_REDUCED_NETWORK, "training.num_steps": 2})
+    with tfds.testing.mock_data(num_examples=8):
+        metrics = train.train_and_evaluate(config, tmp_path)
+    _assert_finite(metrics)
+    assert "vlb_bpd" in metrics
+
+
+@pytest.mark.slow
+def test_cifar10_config_full_network_on_mock_data(tmp_path):
+    config = _config(
+        "cifar10",
+        **{"training.batch_size": 2, "training.num_steps": 1, "training.sample_every": 0},
+    )
+    with tfds.testing.mock_data(num_examples=8):
+        metrics = train.train_and_evaluate(config, tmp_path)
+    _assert_finite(metrics)
+    state, _ = _read_checkpoint(tmp_path, 1)
+    assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(state["params"])) == 35_746_307
+
+
+def test_importance_sampled_timesteps(tmp_path):
+    """Hybrid loss with importance-sampled t on the digits. T=4 (cosine; linear needs T >= 20)
+    and 16 examples a step fill the 10-loss history of every t within the first steps, so the
+    last step samples t from it."""
+    num_steps = 6
+    config = _tiny(
+        **{
+            "diffusion.schedule": "cosine",
+            "diffusion.num_timesteps": 4,
+            "diffusion.var_type": "learned_range",
+            "diffusion.loss_type": "hybrid",
+            "diffusion.timestep_sampling": "importance",
+            "training.num_steps": num_steps,
+            "training.checkpoint_every": num_steps - 1,
+        }
+    )
+    metrics = train.train_and_evaluate(config, tmp_path)
+    _assert_finite(metrics)
+    before_last, _ = _read_checkpoint(tmp_path, num_steps - 1)
+    np.testing.assert_array_equal(before_last["loss_history"]["counts"], 10)
+    last, _ = _read_checkpoint(tmp_path, num_steps)
+    assert np.all(np.isfinite(last["loss_history"]["history"]))
+
+
+def test_gradient_accumulation_matches_one_big_batch(reference, tmp_path):
+    config = _tiny(**{"training.num_steps": _STEPS, "training.grad_accum_steps": 2})
+    train.train_and_evaluate(config, tmp_path)
+    expected, _ = _read_checkpoint(reference, _STEPS)
+    accumulated, _ = _read_checkpoint(tmp_path, _STEPS)
+    for key in ("params", "ema_params"):
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+            expected[key],
+            accumulated[key],
+        )
