@@ -132,6 +132,14 @@ def validate(
             "Config key 'diffusion.timestep_sampling' is 'importance', which needs the VLB term: "
             "set 'diffusion.loss_type' to 'vlb' or 'hybrid'"
         )
+    try:
+        schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
+    except ValueError as e:
+        raise ConfigError(
+            f"Config keys 'diffusion.schedule' ({config.diffusion.schedule!r}) and "
+            f"'diffusion.num_timesteps' ({config.diffusion.num_timesteps}) give no valid "
+            f"schedule: {e}"
+        ) from e
     _at_least(config, "model.num_groups", 1)
     for mult in config.model.ch_mult:
         if (config.model.ch * mult) % config.model.num_groups:

@@ -45,161 +45,159 @@ _READ_THREADS = 2
 
 
 class DigitsSource:
-  """The 8x8 handwritten digits shipped with scikit-learn (1797 images).
+    """The 8x8 handwritten digits shipped with scikit-learn (1797 images).
 
-  A grain `RandomAccessDataSource` over an in-memory array: record `i` is
-  `{"image": uint8 [8, 8, 1], "label": int64 scalar in [0, 10)}`. The 17 gray
-  levels 0..16 map to uint8 as round(v * 255 / 16), so 0 -> 0 and 16 -> 255.
-  """
+    A grain `RandomAccessDataSource` over an in-memory array: record `i` is
+    `{"image": uint8 [8, 8, 1], "label": int64 scalar in [0, 10)}`. The 17 gray
+    levels 0..16 map to uint8 as round(v * 255 / 16), so 0 -> 0 and 16 -> 255.
+    """
 
-  def __init__(self):
-    self._images, self._labels = _digits_arrays()
+    def __init__(self):
+        self._images, self._labels = _digits_arrays()
 
-  def __len__(self) -> int:
-    return len(self._labels)
+    def __len__(self) -> int:
+        return len(self._labels)
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {"image": self._images[index], "label": self._labels[index]}
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"image": self._images[index], "label": self._labels[index]}
 
-  def __repr__(self) -> str:
-    return f"DigitsSource(num_records={len(self)})"
+    def __repr__(self) -> str:
+        return f"DigitsSource(num_records={len(self)})"
 
 
 @functools.cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-  """Returns (uint8 [1797, 8, 8, 1], int64 [1797]) from scikit-learn's file."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    """Returns (uint8 [1797, 8, 8, 1], int64 [1797]) from scikit-learn's file."""
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
 
-  digits = datasets.load_digits()
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-  images.setflags(write=False)
-  labels = digits.target.astype(np.int64)
-  labels.setflags(write=False)
-  return images[..., None], labels
+    digits = datasets.load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images.setflags(write=False)
+    labels = digits.target.astype(np.int64)
+    labels.setflags(write=False)
+    return images[..., None], labels
 
 
 def _is_resizable(name: str) -> bool:
-  return name.split("/")[0] in _RESIZABLE_DATASETS
+    return name.split("/")[0] in _RESIZABLE_DATASETS
 
 
 def _open_source(data_config: ml_collections.ConfigDict):
-  """Returns a random-access source of {"image": uint8 [h, w, c], ...}."""
-  if data_config.name == "digits":
-    return DigitsSource()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    """Returns a random-access source of {"image": uint8 [h, w, c], ...}."""
+    if data_config.name == "digits":
+        return DigitsSource()
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  return tfds.data_source(
-      data_config.name,
-      split=data_config.split,
-      data_dir=data_config.get("data_dir"),
-  )
+    return tfds.data_source(
+        data_config.name,
+        split=data_config.split,
+        data_dir=data_config.get("data_dir"),
+    )
 
 
 def _expected_shape(data_config) -> tuple[int, int, int]:
-  size = data_config.image_size
-  return (size, size, data_config.channels)
+    size = data_config.image_size
+    return (size, size, data_config.channels)
 
 
 def _shape_error(data_config, actual_shape, actual_dtype) -> ValueError:
-  at_least = " or larger" if _is_resizable(data_config.name) else ""
-  return ValueError(
-      f"Data set {data_config.name!r}: expected uint8 images of shape "
-      f"{_expected_shape(data_config)}{at_least} (data.image_size, "
-      f"data.image_size, data.channels), but the data set has "
-      f"{np.dtype(actual_dtype)} images of shape {tuple(actual_shape)}."
-  )
+    at_least = " or larger" if _is_resizable(data_config.name) else ""
+    return ValueError(
+        f"Data set {data_config.name!r}: expected uint8 images of shape "
+        f"{_expected_shape(data_config)}{at_least} (data.image_size, "
+        f"data.image_size, data.channels), but the data set has "
+        f"{np.dtype(actual_dtype)} images of shape {tuple(actual_shape)}."
+    )
 
 
 def _check_image(data_config, shape, dtype) -> None:
-  """Raises ValueError if images of `shape`/`dtype` cannot be served.
+    """Raises ValueError if images of `shape`/`dtype` cannot be served.
 
-  `shape` may contain None (TFDS features of variable size); those dimensions
-  are accepted for resizable data sets and rejected otherwise.
-  """
-  expected = _expected_shape(data_config)
-  shape = tuple(shape)
-  if np.dtype(dtype) != np.uint8 or len(shape) != 3:
-    raise _shape_error(data_config, shape, dtype)
-  if _is_resizable(data_config.name):
-    # Resizing may only shrink: upsampling would invent detail.
-    spatial_ok = all(d is None or d >= expected[0] for d in shape[:2])
-    if shape[2] != expected[2] or not spatial_ok:
-      raise _shape_error(data_config, shape, dtype)
-  elif shape != expected:
-    raise _shape_error(data_config, shape, dtype)
+    `shape` may contain None (TFDS features of variable size); those dimensions
+    are accepted for resizable data sets and rejected otherwise.
+    """
+    expected = _expected_shape(data_config)
+    shape = tuple(shape)
+    if np.dtype(dtype) != np.uint8 or len(shape) != 3:
+        raise _shape_error(data_config, shape, dtype)
+    if _is_resizable(data_config.name):
+        # Resizing may only shrink: upsampling would invent detail.
+        spatial_ok = all(d is None or d >= expected[0] for d in shape[:2])
+        if shape[2] != expected[2] or not spatial_ok:
+            raise _shape_error(data_config, shape, dtype)
+    elif shape != expected:
+        raise _shape_error(data_config, shape, dtype)
 
 
 def dataset_spec(
     data_config: ml_collections.ConfigDict,
 ) -> tuple[tuple[int, int, int], int]:
-  """Returns ((H, W, C), num_classes) of the served batches without reading data.
+    """Returns ((H, W, C), num_classes) of the served batches without reading data.
 
-  `num_classes` is 0 for unlabeled data sets (their labels are all 0). For
-  TFDS, the builder's declared image feature is checked against the config
-  (reads only metadata; raises ValueError on a mismatch).
-  """
-  if data_config.name == "digits":
-    _check_image(data_config, (8, 8, 1), np.uint8)
-    return _expected_shape(data_config), 10
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    `num_classes` is 0 for unlabeled data sets (their labels are all 0). For
+    TFDS, the builder's declared image feature is checked against the config
+    (reads only metadata; raises ValueError on a mismatch).
+    """
+    if data_config.name == "digits":
+        _check_image(data_config, (8, 8, 1), np.uint8)
+        return _expected_shape(data_config), 10
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  features = tfds.builder(
-      data_config.name, data_dir=data_config.get("data_dir")
-  ).info.features
-  image = features["image"]
-  _check_image(data_config, image.shape, image.np_dtype)
-  num_classes = features["label"].num_classes if "label" in features else 0
-  return _expected_shape(data_config), num_classes
+    features = tfds.builder(data_config.name, data_dir=data_config.get("data_dir")).info.features
+    image = features["image"]
+    _check_image(data_config, image.shape, image.np_dtype)
+    num_classes = features["label"].num_classes if "label" in features else 0
+    return _expected_shape(data_config), num_classes
 
 
 def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Center-crops uint8 [h, w, c] to a square, resizes to [size, size, c].
+    """Center-crops uint8 [h, w, c] to a square, resizes to [size, size, c].
 
-  Bicubic resampling in PIL, which filters over the whole source footprint
-  when shrinking (anti-aliased).
-  """
-  h, w, c = image.shape
-  side = min(h, w)
-  top, left = (h - side) // 2, (w - side) // 2
-  image = image[top : top + side, left : left + side]
-  if side == size:
-    return image
-  pil = PIL.Image.fromarray(image[..., 0] if c == 1 else image)
-  resized = np.asarray(pil.resize((size, size), PIL.Image.Resampling.BICUBIC))
-  return resized.reshape(size, size, c)
+    Bicubic resampling in PIL, which filters over the whole source footprint
+    when shrinking (anti-aliased).
+    """
+    h, w, c = image.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    image = image[top : top + side, left : left + side]
+    if side == size:
+        return image
+    pil = PIL.Image.fromarray(image[..., 0] if c == 1 else image)
+    resized = np.asarray(pil.resize((size, size), PIL.Image.Resampling.BICUBIC))
+    return resized.reshape(size, size, c)
 
 
 class _LoadLocalBatch:
-  """Turns the record indices of global batch `step` into this process's batch.
+    """Turns the record indices of global batch `step` into this process's batch.
 
-  Picklable (it is shipped to grain worker processes). Called as
-  `(step, indices: int [global_batch_size]) -> {"image": float32
-  [L, H, W, C] in [-1, 1], "label": int32 [L]}`.
-  """
+    Picklable (it is shipped to grain worker processes). Called as
+    `(step, indices: int [global_batch_size]) -> {"image": float32
+    [L, H, W, C] in [-1, 1], "label": int32 [L]}`.
+    """
 
-  def __init__(self, source, data_config, *, seed: int, rows: slice):
-    self._source = source
-    self._seed = seed
-    self._rows = rows
-    self._size = data_config.image_size
-    self._resize = _is_resizable(data_config.name)
-    self._random_flip = data_config.random_flip
+    def __init__(self, source, data_config, *, seed: int, rows: slice):
+        self._source = source
+        self._seed = seed
+        self._rows = rows
+        self._size = data_config.image_size
+        self._resize = _is_resizable(data_config.name)
+        self._random_flip = data_config.random_flip
 
-  def __call__(self, step: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-    records = [self._source[int(i)] for i in indices[self._rows]]
-    images = [r["image"] for r in records]
-    if self._resize:
-      images = [_center_crop_resize(im, self._size) for im in images]
-    images = np.stack(images)
-    if self._random_flip:
-      # One draw per row of the *global* batch, then this process's rows.
-      rng = np.random.default_rng([self._seed, step, _FLIP_STREAM])
-      flip = rng.random(len(indices)) < 0.5
-      flip = flip[self._rows, None, None, None]
-      images = np.where(flip, images[:, :, ::-1], images)
-    labels = np.asarray([r.get("label", 0) for r in records], np.int32)
-    images = images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
-    return {"image": images, "label": labels}
+    def __call__(self, step: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+        records = [self._source[int(i)] for i in indices[self._rows]]
+        images = [r["image"] for r in records]
+        if self._resize:
+            images = [_center_crop_resize(im, self._size) for im in images]
+        images = np.stack(images)
+        if self._random_flip:
+            # One draw per row of the *global* batch, then this process's rows.
+            rng = np.random.default_rng([self._seed, step, _FLIP_STREAM])
+            flip = rng.random(len(indices)) < 0.5
+            flip = flip[self._rows, None, None, None]
+            images = np.where(flip, images[:, :, ::-1], images)
+        labels = np.asarray([r.get("label", 0) for r in records], np.int32)
+        images = images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+        return {"image": images, "label": labels}
 
 
 def create_train_iterator(
@@ -210,83 +208,80 @@ def create_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
-  """Returns an infinite, checkpointable iterator of host-local batches.
+    """Returns an infinite, checkpointable iterator of host-local batches.
 
-  Each batch is `{"image": float32 [global_batch_size // process_count, H, W,
-  C] in [-1, 1], "label": int32 [global_batch_size // process_count]}`.
-  Process `p` gets rows [p*L, (p+1)*L) of every global batch; the global batch
-  depends only on (data set, seed, global_batch_size), not on process_count
-  or num_workers. Epochs are reshuffled deterministically from `seed` (an
-  integer in [0, 2**32)) and the last partial batch of each epoch is dropped.
+    Each batch is `{"image": float32 [global_batch_size // process_count, H, W,
+    C] in [-1, 1], "label": int32 [global_batch_size // process_count]}`.
+    Process `p` gets rows [p*L, (p+1)*L) of every global batch; the global batch
+    depends only on (data set, seed, global_batch_size), not on process_count
+    or num_workers. Epochs are reshuffled deterministically from `seed` (an
+    integer in [0, 2**32)) and the last partial batch of each epoch is dropped.
 
-  Args:
-    data_config: ConfigDict with name, split, image_size, channels,
-      random_flip, shuffle, num_workers (0 = in-process), prefetch (batches
-      buffered per process), data_dir (optional).
-    global_batch_size: batch size summed over all processes.
-    seed: data seed (shuffle order and flips).
-    process_index: this process; defaults to `jax.process_index()`.
-    process_count: number of processes; defaults to `jax.process_count()`.
+    Args:
+      data_config: ConfigDict with name, split, image_size, channels,
+        random_flip, shuffle, num_workers (0 = in-process), prefetch (batches
+        buffered per process), data_dir (optional).
+      global_batch_size: batch size summed over all processes.
+      seed: data seed (shuffle order and flips).
+      process_index: this process; defaults to `jax.process_index()`.
+      process_count: number of processes; defaults to `jax.process_count()`.
 
-  Raises:
-    ValueError: the batch size is not divisible by process_count or exceeds
-      the data set, or the data set's images do not match the config.
-  """
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
-  if global_batch_size % process_count:
-    raise ValueError(
-        f"training.batch_size={global_batch_size} must be divisible by the "
-        f"number of processes ({process_count})."
+    Raises:
+      ValueError: the batch size is not divisible by process_count or exceeds
+        the data set, or the data set's images do not match the config.
+    """
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"training.batch_size={global_batch_size} must be divisible by the "
+            f"number of processes ({process_count})."
+        )
+    local_batch_size = global_batch_size // process_count
+
+    source = _open_source(data_config)
+    first = source[0]["image"]
+    _check_image(data_config, first.shape, first.dtype)
+    if len(source) < global_batch_size:
+        raise ValueError(
+            f"training.batch_size={global_batch_size} exceeds the "
+            f"{len(source)} examples of data set {data_config.name!r}."
+        )
+
+    indices = grain.MapDataset.range(len(source))
+    if data_config.shuffle:
+        indices = indices.shuffle(seed=seed)
+    rows = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
+    batches = (
+        indices.batch(global_batch_size, drop_remainder=True)
+        .repeat()
+        .map_with_index(_LoadLocalBatch(source, data_config, seed=seed, rows=rows))
     )
-  local_batch_size = global_batch_size // process_count
-
-  source = _open_source(data_config)
-  first = source[0]["image"]
-  _check_image(data_config, first.shape, first.dtype)
-  if len(source) < global_batch_size:
-    raise ValueError(
-        f"training.batch_size={global_batch_size} exceeds the "
-        f"{len(source)} examples of data set {data_config.name!r}."
+    prefetch = data_config.prefetch
+    dataset = batches.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=_READ_THREADS if prefetch else 0,
+            prefetch_buffer_size=prefetch,
+        )
     )
-
-  indices = grain.MapDataset.range(len(source))
-  if data_config.shuffle:
-    indices = indices.shuffle(seed=seed)
-  rows = slice(process_index * local_batch_size,
-               (process_index + 1) * local_batch_size)
-  batches = (
-      indices.batch(global_batch_size, drop_remainder=True)
-      .repeat()
-      .map_with_index(_LoadLocalBatch(source, data_config, seed=seed,
-                                      rows=rows))
-  )
-  prefetch = data_config.prefetch
-  dataset = batches.to_iter_dataset(
-      grain.ReadOptions(
-          num_threads=_READ_THREADS if prefetch else 0,
-          prefetch_buffer_size=prefetch,
-      )
-  )
-  if data_config.num_workers:
-    dataset = dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=data_config.num_workers)
-    )
-  return iter(dataset)
+    if data_config.num_workers:
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=data_config.num_workers)
+        )
+    return iter(dataset)
 
 
-def iterator_checkpoint_args(iterator: grain.DatasetIterator, *,
-                             restore: bool) -> Any:
-  """Returns the orbax args that save (or restore into) `iterator`'s position.
+def iterator_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool) -> Any:
+    """Returns the orbax args that save (or restore into) `iterator`'s position.
 
-  Use as one item of `ocp.args.Composite` with an `ocp.CheckpointManager`;
-  every process must call save/restore (each writes its own
-  `process_<i>-of-<n>.json`). Restoring mutates `iterator` in place, so it
-  must come from `create_train_iterator` with the same config, batch size,
-  seed and num_workers.
-  """
-  if restore:
-    return grain.checkpoint.CheckpointRestore(iterator)
-  return grain.checkpoint.CheckpointSave(iterator)
+    Use as one item of `ocp.args.Composite` with an `ocp.CheckpointManager`;
+    every process must call save/restore (each writes its own
+    `process_<i>-of-<n>.json`). Restoring mutates `iterator` in place, so it
+    must come from `create_train_iterator` with the same config, batch size,
+    seed and num_workers.
+    """
+    if restore:
+        return grain.checkpoint.CheckpointRestore(iterator)
+    return grain.checkpoint.CheckpointSave(iterator)

@@ -10,6 +10,7 @@ and a final save on SIGTERM/preemption. Multi-host: the same program on every pr
 
 from __future__ import annotations
 
+import ast
 import logging as pylogging
 import math
 import os
@@ -240,5 +241,18 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with a one-line error for a bad ``--config.*`` override."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        reason = str(e)
+        try:  # ml_collections' unknown-key errors arrive as the repr of a message
+            reason = str(ast.literal_eval(reason))
+        except (ValueError, SyntaxError):
+            pass
+        sys.exit(f"error: bad command line: {' '.join(reason.split())}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -406,6 +406,14 @@ def _replace_group(config, group, **values):
             "'diffusion.loss_type' is 'l2'; valid: simple, vlb, hybrid",
         ),
         (_tiny(**{"diffusion.num_timesteps": 0}), "'diffusion.num_timesteps' must be >= 1, got 0"),
+        (
+            _tiny(**{"diffusion.schedule": "linear", "diffusion.num_timesteps": 10}),
+            "'diffusion.schedule' ('linear') and 'diffusion.num_timesteps' (10) give no valid",
+        ),
+        (
+            _tiny(**{"model.ch": 16}),
+            "'model.num_groups' (32) must divide the channels of every level",
+        ),
         (_tiny(**{"model.dropout": 1.0}), "'model.dropout' must lie in [0, 1), got 1.0"),
         (_tiny(**{"model.dropout": -0.1}), "'model.dropout' must lie in [0, 1), got -0.1"),
         (

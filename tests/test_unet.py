@@ -34,14 +34,17 @@ def _random_params(model, x, t, y=None, seed=0):
     """
     shapes = jax.eval_shape(lambda: _init(model, x, t, y))
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype),
-                        shapes)
+    return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 def _param_count(model, hw, channels=3):
     shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, hw, hw, channels)),
-                           jnp.zeros((1,), jnp.int32), train=False)
+        lambda: model.init(
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, hw, hw, channels)),
+            jnp.zeros((1,), jnp.int32),
+            train=False,
+        )
     )
     return sum(math.prod(p.shape) for p in jax.tree.leaves(shapes))
 
@@ -94,8 +97,7 @@ def test_deterministic_without_train(tiny):
 
 def test_dropout_depends_on_rng(tiny):
     model, params, x, t = tiny
-    run = lambda seed: _apply(model, params, x, t, train=True,
-                              rng=jax.random.PRNGKey(seed))
+    run = lambda seed: _apply(model, params, x, t, train=True, rng=jax.random.PRNGKey(seed))
     np.testing.assert_array_equal(run(0), run(0))
     assert not np.allclose(run(0), run(1))
     assert not np.allclose(run(0), _apply(model, params, x, t))
@@ -137,8 +139,12 @@ def test_bad_t_shape():
 
 def test_jit_int_and_float_timesteps_agree(tiny):
     model, params, x, t = tiny
-    np.testing.assert_allclose(_apply(model, params, x, t.astype(jnp.float32)),
-                               _apply(model, params, x, t), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _apply(model, params, x, t.astype(jnp.float32)),
+        _apply(model, params, x, t),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_timestep_embedding_values():
@@ -146,17 +152,26 @@ def test_timestep_embedding_values():
     t = 7.0
     freqs = np.array([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3), 1e-4])
     expected = np.concatenate([np.sin(t * freqs), np.cos(t * freqs)])
-    np.testing.assert_allclose(timestep_embedding(jnp.array([t]), 8)[0], expected, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        timestep_embedding(jnp.array([t]), 8)[0], expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_model_feeds_timestep_embedding_to_first_dense(tiny):
     model, params, x, t = tiny
-    capture = jax.jit(lambda p: model.apply(
-        p, x, t, train=False, mutable=["intermediates"],
-        capture_intermediates=lambda mdl, _: mdl.name == "temb_dense0"))
+    capture = jax.jit(
+        lambda p: model.apply(
+            p,
+            x,
+            t,
+            train=False,
+            mutable=["intermediates"],
+            capture_intermediates=lambda mdl, _: mdl.name == "temb_dense0",
+        )
+    )
     _, state = capture(params)
     dense = params["params"]["temb_dense0"]
     expected = timestep_embedding(t, TINY["ch"]) @ dense["kernel"] + dense["bias"]
-    np.testing.assert_allclose(state["intermediates"]["temb_dense0"]["__call__"][0], expected,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        state["intermediates"]["temb_dense0"]["__call__"][0], expected, rtol=1e-5, atol=1e-5
+    )

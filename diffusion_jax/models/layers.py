@@ -60,7 +60,10 @@ class Conv3x3(nn.Module):
         x = x.astype(self.dtype)
         pad = (1, 1) if self.stride == 1 else (0, 1)
         y = jax.lax.conv_general_dilated(
-            x, kernel.astype(self.dtype), (self.stride, self.stride), (pad, pad),
+            x,
+            kernel.astype(self.dtype),
+            (self.stride, self.stride),
+            (pad, pad),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         return y + bias.astype(self.dtype)
@@ -89,17 +92,26 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
         h = Conv3x3(self.out_ch, dtype=self.dtype, name="conv1")(h)
-        h = h + nn.Dense(
-            self.out_ch, kernel_init=default_init, dtype=self.dtype, param_dtype=jnp.float32,
-            name="temb_proj",
-        )(nn.swish(temb))[:, None, None, :]
+        h = (
+            h
+            + nn.Dense(
+                self.out_ch,
+                kernel_init=default_init,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="temb_proj",
+            )(nn.swish(temb))[:, None, None, :]
+        )
         h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = Conv3x3(self.out_ch, kernel_init=zero_init, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
             x = nn.Dense(
-                self.out_ch, kernel_init=default_init, dtype=self.dtype,
-                param_dtype=jnp.float32, name="skip",
+                self.out_ch,
+                kernel_init=default_init,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="skip",
             )(x)
         return x + h
 
@@ -120,14 +132,15 @@ class AttnBlock(nn.Module):
         h = group_norm(self.num_groups, self.dtype, "norm")(x)
 
         def proj(name, init=default_init):
-            return nn.Dense(C, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32,
-                            name=name)
+            return nn.Dense(
+                C, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32, name=name
+            )
 
         q = proj("q")(h).reshape(B, H * W, C)
         k = proj("k")(h).reshape(B, H * W, C)
         v = proj("v")(h).reshape(B, H * W, C)
         logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * (C ** -0.5), axis=-1).astype(self.dtype)
+        weights = jax.nn.softmax(logits * (C**-0.5), axis=-1).astype(self.dtype)
         h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(B, H, W, C)
         return x + proj("proj_out", zero_init)(h)
 

@@ -80,8 +80,9 @@ class UNet(nn.Module):
             raise ValueError(f"y must have shape [B] = [{B}], got {jnp.shape(y)}")
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
-                 train: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool
+    ) -> jax.Array:
         """x: [B,H,W,C] in [-1, 1]; t: [B] timesteps; y: [B] int labels or None.
 
         Returns [B,H,W,out_channels] float32.
@@ -90,9 +91,7 @@ class UNet(nn.Module):
         dense = lambda n, name: nn.Dense(
             n, kernel_init=default_init, dtype=self.dtype, param_dtype=jnp.float32, name=name
         )
-        block = lambda n, name: ResBlock(
-            n, self.dropout, self.num_groups, self.dtype, name=name
-        )
+        block = lambda n, name: ResBlock(n, self.dropout, self.num_groups, self.dtype, name=name)
         attn = lambda name: AttnBlock(self.num_groups, self.dtype, name=name)
 
         temb = timestep_embedding(t, self.ch)
@@ -111,8 +110,11 @@ class UNet(nn.Module):
                     h = attn(f"down_{level}_attn_{i}")(h)
                 hs.append(h)
             if level != len(self.ch_mult) - 1:
-                hs.append(Downsample(self.resamp_with_conv, self.dtype,
-                                     name=f"down_{level}_downsample")(hs[-1]))
+                hs.append(
+                    Downsample(self.resamp_with_conv, self.dtype, name=f"down_{level}_downsample")(
+                        hs[-1]
+                    )
+                )
 
         h = hs[-1]
         h = block(h.shape[-1], "mid_block_0")(h, temb, train=train)
@@ -130,6 +132,5 @@ class UNet(nn.Module):
         assert not hs
 
         h = nn.swish(group_norm(self.num_groups, self.dtype, "norm_out")(h))
-        h = Conv3x3(self.out_channels, kernel_init=zero_init, dtype=self.dtype,
-                    name="conv_out")(h)
+        h = Conv3x3(self.out_channels, kernel_init=zero_init, dtype=self.dtype, name="conv_out")(h)
         return h.astype(jnp.float32)
