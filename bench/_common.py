@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 def emit(**fields: Any) -> dict[str, Any]:
     """Print one JSON line (floats rounded to 4 significant digits) and return the dict."""
+
     def fmt(v):
         if isinstance(v, float):
             return float(f"{v:.4g}")
@@ -30,8 +31,9 @@ def emit(**fields: Any) -> dict[str, Any]:
     return fields
 
 
-def time_compile(jitted: Callable, *args,
-                 compiler_options: dict[str, Any] | None = None) -> tuple[Callable, float]:
+def time_compile(
+    jitted: Callable, *args, compiler_options: dict[str, Any] | None = None
+) -> tuple[Callable, float]:
     """AOT-compile `jitted` for `args` with optional XLA compiler options (the DebugOptions
     fields, as in XLA_FLAGS without the dashes); returns (executable, seconds to lower+compile).
     """

@@ -24,8 +24,12 @@ import os
 import resource
 import sys
 
-import jax
-import numpy as np
+from diffusion_jax import xla_flags  # noqa: E402
+
+xla_flags.configure()  # the training program's XLA settings, before JAX starts
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import emit, time_compile, timed  # noqa: E402

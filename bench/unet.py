@@ -40,8 +40,11 @@ MATMUL_N = 2048
 # XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
-    "eigen_conv": {"xla_cpu_experimental_ynn_fusion_type":
-                   "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
+    "eigen_conv": {
+        "xla_cpu_experimental_ynn_fusion_type": (
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+        )
+    },
 }
 
 
@@ -79,10 +82,18 @@ def run_batch(batch: int, variants: list[str], repeats: int, matmul_times: list[
     for name in variants:
         opts = VARIANTS[name]
         fwd_c, fwd_s = time_compile(fwd, params, x, t, compiler_options=opts)
-        step_c, step_s = time_compile(step, params, opt_state, x, t, noise,
-                                      jax.random.PRNGKey(0), compiler_options=opts)
-        runs[name] = dict(fwd=fwd_c, step=step_c, compile_s=(fwd_s, step_s), fwd_t=[],
-                          step_t=[], mm_t=[], state=jax.tree.map(jnp.copy, (params, opt_state)))
+        step_c, step_s = time_compile(
+            step, params, opt_state, x, t, noise, jax.random.PRNGKey(0), compiler_options=opts
+        )
+        runs[name] = dict(
+            fwd=fwd_c,
+            step=step_c,
+            compile_s=(fwd_s, step_s),
+            fwd_t=[],
+            step_t=[],
+            mm_t=[],
+            state=jax.tree.map(jnp.copy, (params, opt_state)),
+        )
 
     a = jnp.ones((MATMUL_N, MATMUL_N))
     dot = jax.jit(jnp.dot)
@@ -106,11 +117,19 @@ def run_batch(batch: int, variants: list[str], repeats: int, matmul_times: list[
         ):
             ips = [batch / s for s in times]
             ratios = sorted(i * gflop / m for i, m in zip(ips, mm, strict=True))
-            emit(bench=f"unet_cifar10_{kind}", batch=batch, variant=name,
-                 compile_s=compile_s, images_per_s=max(ips), images_per_s_min=min(ips),
-                 repeats=len(ips), gflops=max(ips) * gflop, matmul_gflops=max(mm),
-                 ratio_to_matmul=max(ips) * gflop / max(mm),
-                 ratio_per_round_median=ratios[len(ratios) // 2])
+            emit(
+                bench=f"unet_cifar10_{kind}",
+                batch=batch,
+                variant=name,
+                compile_s=compile_s,
+                images_per_s=max(ips),
+                images_per_s_min=min(ips),
+                repeats=len(ips),
+                gflops=max(ips) * gflop,
+                matmul_gflops=max(mm),
+                ratio_to_matmul=max(ips) * gflop / max(mm),
+                ratio_per_round_median=ratios[len(ratios) // 2],
+            )
 
 
 def _time_round(run, x, t, noise, rng):
@@ -125,21 +144,31 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {list(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}"
+    )
     args = parser.parse_args()
     variants = args.variants.split(",")
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"unknown variant {v!r}; valid: {list(VARIANTS)}")
 
-    emit(bench="env", jax=jax.__version__, devices=str(jax.devices()),
-         cpu_count=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+    emit(
+        bench="env",
+        jax=jax.__version__,
+        devices=str(jax.devices()),
+        cpu_count=os.cpu_count(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
     matmul_times: list[float] = []
     for batch in args.batch:
         run_batch(batch, variants, args.repeats, matmul_times)
-    emit(bench="matmul_f32", n=MATMUL_N, gflops=2 * MATMUL_N**3 / min(matmul_times) / 1e9,
-         gflops_isolated=matmul_gflops(MATMUL_N))
+    emit(
+        bench="matmul_f32",
+        n=MATMUL_N,
+        gflops=2 * MATMUL_N**3 / min(matmul_times) / 1e9,
+        gflops_isolated=matmul_gflops(MATMUL_N),
+    )
 
 
 if __name__ == "__main__":

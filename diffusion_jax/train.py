@@ -20,6 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffusion_jax import xla_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 _CPU_DEVICES = flags.DEFINE_integer(
@@ -38,9 +40,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with auto-detected settings."
 )
-
-
-CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -171,23 +170,9 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     return last_logged
 
 
-def _jaxlib_at_least(*version: int) -> bool:
-    import jaxlib.version  # does not start a backend
-
-    return jaxlib.version.__version_info__[: len(version)] >= version
-
-
 def _init_runtime():
     """Device count and multi-process setup; must run before JAX initialises a backend."""
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    if _CPU_DEVICES.value:
-        xla_flags += f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
-    if "xla_cpu_experimental_ynn_fusion_type" not in xla_flags and _jaxlib_at_least(0, 10):
-        # XLA:CPU's own (Eigen) convolutions: YNNPACK's weight-gradient convolutions make the
-        # train step 10-30% slower (bench/unet.py). CPU-only; ignored on accelerators; older
-        # jaxlibs do not know the flag and would abort on it.
-        xla_flags += f" {CPU_CONV_FLAG}"
-    os.environ["XLA_FLAGS"] = xla_flags.strip()
+    xla_flags.configure(cpu_devices=_CPU_DEVICES.value)
     import jax
 
     if _COORDINATOR.value or _DISTRIBUTED.value:

@@ -7,7 +7,8 @@ The count depends on the input size only through which levels get attention.
 CPU performance (jaxlib 0.10): training is 10-30% faster with XLA's Eigen convolutions
 instead of YNNPACK's, whose weight-gradient convolutions are slow:
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce`, set before JAX
-initialises its backend (before the first computation); see bench/unet.py.
+initialises its backend (before the first computation); the training program and
+bench/train.py set it through ``diffusion_jax.xla_flags.configure``; see bench/unet.py.
 """
 
 from collections.abc import Sequence

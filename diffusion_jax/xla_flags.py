@@ -1,0 +1,32 @@
+"""XLA settings that must be in place before JAX starts a backend (the first computation).
+
+Kept free of JAX imports so that programs can call it first thing.
+"""
+
+import os
+
+CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
+
+
+def _jaxlib_at_least(*version: int) -> bool:
+    import jaxlib.version  # does not start a backend
+
+    return jaxlib.version.__version_info__[: len(version)] >= version
+
+
+def configure(cpu_devices: int | None = None) -> str:
+    """Adds this project's XLA flags to ``XLA_FLAGS`` (keeping the user's); returns them.
+
+    - ``cpu_devices``: expose that many CPU devices (``--xla_force_host_platform_device_count``).
+    - XLA:CPU's own (Eigen) convolutions instead of YNNPACK's, whose weight-gradient
+      convolutions make the train step 10-30% slower (``bench/unet.py``). CPU-only, ignored on
+      accelerators; not set where the user chose a fusion type, nor for jaxlibs older than 0.10,
+      which do not know the flag and would abort on it.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if cpu_devices:
+        flags += f" --xla_force_host_platform_device_count={cpu_devices}"
+    if "xla_cpu_experimental_ynn_fusion_type" not in flags and _jaxlib_at_least(0, 10):
+        flags += f" {CPU_CONV_FLAG}"
+    os.environ["XLA_FLAGS"] = flags.strip()
+    return os.environ["XLA_FLAGS"]
