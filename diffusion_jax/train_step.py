@@ -1,10 +1,11 @@
 """Train state, the sharded train step and the EMA sampler, built from a validated config.
 
-Randomness: one base key in the state; step ``s`` uses ``fold_in(key, s)``, and example ``i``
-of the global batch ``fold_in(step_key, s * batch_size + i)`` for its t and noise, so noise
-and t never depend on how many devices or processes share the batch. (Dropout masks come from
-the step key over the whole batch; JAX's partitionable threefry makes them sharding-invariant
-too, but gradient accumulation changes their shapes and hence their values.)
+Randomness: one base key in the state; step ``s`` splits ``fold_in(key, s)`` into an example
+root and a dropout root. Example ``i`` of the global batch draws its t and noise from
+``fold_in(example_root, s * batch_size + i)``, so noise and t never depend on how many devices
+or processes share the batch. Dropout masks of micro-batch ``j`` come from
+``fold_in(dropout_root, j)`` over the whole micro-batch; JAX's partitionable threefry makes them
+sharding-invariant too, but gradient accumulation changes their shapes and hence their values.
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ def make_train_step(config, model, schedule, optimizer, lr_schedule, mesh, state
     grad_fn = jax.value_and_grad(example_losses, has_aux=True)
 
     def train_step(state, batch):
-        step_key = jax.random.fold_in(state.rng, state.step)
-        keys = _per_example_keys(step_key, state.step, batch_size)
+        example_root, dropout_root = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        keys = _per_example_keys(example_root, state.step, batch_size)
         batch = {"image": batch["image"], "label": batch["label"], "keys": keys}
         micro_batches = jax.tree_util.tree_map(
             lambda x: jax.lax.with_sharding_constraint(
@@ -170,7 +171,7 @@ def make_train_step(config, model, schedule, optimizer, lr_schedule, mesh, state
         grads, outputs = None, []
         for index in range(accum):
             micro = jax.tree_util.tree_map(lambda x, i=index: x[i], micro_batches)
-            dropout_key = jax.random.fold_in(step_key, 2**31 - 1 - index)
+            dropout_key = jax.random.fold_in(dropout_root, index)
             (obj, (terms, t)), g = grad_fn(state.params, micro, dropout_key, state.loss_history)
             grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
             outputs.append((obj, terms, t))
