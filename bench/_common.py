@@ -7,6 +7,7 @@ Bench scripts are run as `python bench/NAME.py`, so this module is imported by i
 """
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +30,17 @@ def emit(**fields: Any) -> dict[str, Any]:
     fields = {k: fmt(v) for k, v in fields.items()}
     print(json.dumps(fields), flush=True)
     return fields
+
+
+def emit_env() -> dict[str, Any]:
+    """Prints the line that says where the other lines were measured."""
+    return emit(
+        bench="env",
+        jax=jax.__version__,
+        devices=str(jax.devices()),
+        cpu_count=os.cpu_count(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
 
 
 def time_compile(

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit, time_compile, timed  # noqa: E402
+from _common import emit, emit_env, time_compile, timed  # noqa: E402
 
 from diffusion_jax import sampling, schedules  # noqa: E402
 from diffusion_jax.models import UNet  # noqa: E402
@@ -214,13 +214,7 @@ def main(argv=None):
     if min(args.steps, args.repeats, args.batch, args.warmup + 1) < 1:
         parser.error("--steps, --repeats and --batch must be >= 1, --warmup >= 0")
 
-    emit(
-        bench="env",
-        jax=jax.__version__,
-        devices=str(jax.devices()),
-        cpu_count=os.cpu_count(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-    )
+    emit_env()
     bench_chain_only(args)
     bench_network(args)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit, matmul_gflops, time_compile, timed  # noqa: E402
+from _common import emit, emit_env, matmul_gflops, time_compile, timed  # noqa: E402
 
 from diffusion_jax.models import UNet  # noqa: E402
 
@@ -153,13 +153,7 @@ def main():
         if v not in VARIANTS:
             parser.error(f"unknown variant {v!r}; valid: {list(VARIANTS)}")
 
-    emit(
-        bench="env",
-        jax=jax.__version__,
-        devices=str(jax.devices()),
-        cpu_count=os.cpu_count(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-    )
+    emit_env()
     matmul_times: list[float] = []
     for batch in args.batch:
         run_batch(batch, variants, args.repeats, matmul_times)
