@@ -65,7 +65,6 @@ def _is_finite(value) -> bool:
 def train_and_evaluate(config, workdir) -> dict[str, float]:
     """Runs (or resumes) training in ``workdir``; returns the last logged metrics."""
     import jax
-    import numpy as np
 
     from diffusion_jax import (
         checkpointing,
@@ -143,7 +142,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
             pending.append(metrics)
             if step % tcfg.log_every == 0 or step == tcfg.num_steps:
                 fetched = drain()
-                last_logged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                last_logged = train_step.average_metrics(fetched)
                 reporter.log_train(step, last_logged)
             if sample_fn is not None and step % tcfg.sample_every == 0:
                 images = jax.device_get(

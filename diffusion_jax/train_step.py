@@ -118,8 +118,9 @@ def make_train_step(config, model, schedule, optimizer, lr_schedule, mesh, state
     ``batch = {"image": float32 [B, H, W, C], "label": int32 [B]}`` as global arrays sharded
     over the batch axes. Metrics are replicated scalars: ``loss`` (the optimised objective),
     ``mse``, ``vlb_bpd`` (vlb/hybrid only), ``grad_norm``, ``update_norm`` (global norm of the
-    change applied to the parameters), ``learning_rate`` and ``loss_q0..loss_q3`` (mean
-    per-example loss in each quarter of [0, T)).
+    change applied to the parameters), ``learning_rate``, and ``loss_qK_sum`` /
+    ``loss_qK_count`` (K = 0..3: summed per-example loss and number of examples whose t lies in
+    quarter K of [0, T); see ``average_metrics``).
     """
     dcfg = config.diffusion
     batch_size = config.training.batch_size
@@ -208,7 +209,8 @@ def make_train_step(config, model, schedule, optimizer, lr_schedule, mesh, state
         quarter = t * 4 // num_timesteps
         for q in range(4):
             mask = (quarter == q).astype(jnp.float32)
-            metrics[f"loss_q{q}"] = jnp.sum(terms["loss"] * mask) / jnp.maximum(mask.sum(), 1.0)
+            metrics[f"loss_q{q}_sum"] = jnp.sum(terms["loss"] * mask)
+            metrics[f"loss_q{q}_count"] = jnp.sum(mask)
         return new_state, metrics
 
     batch_shardings = {
@@ -257,3 +259,17 @@ def make_sample_fn(config, model, mesh, param_sharding):
     return jax.jit(
         sample_fn, in_shardings=(param_sharding, None), out_shardings=sharding.replicated(mesh)
     )
+
+
+def average_metrics(step_metrics: list[dict]) -> dict[str, float]:
+    """Averages the host copies of several steps' metrics for logging.
+
+    Scalars are averaged over steps; ``loss_qK`` is the mean per-example loss over all examples
+    of those steps whose t fell in quarter K (NaN if none did), exact however they were spread.
+    """
+    totals = {k: float(sum(m[k] for m in step_metrics)) for k in step_metrics[0]}
+    averaged = {k: v / len(step_metrics) for k, v in totals.items() if not k.startswith("loss_q")}
+    for q in range(4):
+        count = totals[f"loss_q{q}_count"]
+        averaged[f"loss_q{q}"] = totals[f"loss_q{q}_sum"] / count if count else float("nan")
+    return averaged

@@ -32,3 +32,18 @@ def test_image_grid_layout_and_png(tmp_path):
     path = reporting.save_png(tmp_path / "g.png", images, scale=2)
     with Image.open(path) as im:
         assert im.size == (14, 10) and im.mode == "L"
+
+
+def test_average_metrics_weights_quarters_by_their_examples():
+    from diffusion_jax.train_step import average_metrics
+
+    empty = {f"loss_q{q}_{k}": 0.0 for q in range(4) for k in ("sum", "count")}
+    step1 = dict(empty, loss=1.0, loss_q0_sum=3.0, loss_q0_count=3.0)
+    step2 = dict(
+        empty, loss=3.0, loss_q0_sum=1.0, loss_q0_count=1.0, loss_q1_sum=2.0, loss_q1_count=1.0
+    )
+    out = average_metrics([step1, step2])
+    assert out["loss"] == 2.0
+    assert out["loss_q0"] == 1.0  # (3 + 1) / 4 examples
+    assert out["loss_q1"] == 2.0  # only step 2 had an example there
+    assert np.isnan(out["loss_q2"]) and "loss_q0_sum" not in out
