@@ -16,6 +16,12 @@ EPS_FN = gaussian_eps_fn(SCHED.alphas_cumprod, DATA_MEAN, DATA_STD)
 N = 4096  # samples x 4 dims: standard error of a mean ~ 0.004, of a std ~ 0.003
 
 
+def _assert_moments(x, mean, var):
+    """Sample mean and std of all entries of x within 4 standard errors of the exact ones."""
+    assert x.mean() == pytest.approx(mean, abs=4 * np.sqrt(var / x.size))
+    assert x.std() == pytest.approx(np.sqrt(var), abs=4 * np.sqrt(var / (2 * x.size)))
+
+
 @pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large"])
 def test_ancestral_sampler_matches_exact_gaussian_moments(var_type):
     x = sampling.sample(
@@ -23,9 +29,7 @@ def test_ancestral_sampler_matches_exact_gaussian_moments(var_type):
     )
     m, v = ancestral_moments(BETAS, DATA_MEAN, DATA_STD, var_type=var_type)
     x = np.asarray(x)
-    se_mean, se_std = np.sqrt(v / x.size), np.sqrt(v / (2 * x.size))
-    assert x.mean() == pytest.approx(m, abs=4 * se_mean)
-    assert x.std() == pytest.approx(np.sqrt(v), abs=4 * se_std)
+    _assert_moments(x, m, v)
     # Both are close to the data distribution; fixed_large is slightly wider (as expected).
     assert m == pytest.approx(DATA_MEAN, abs=2e-3)
     assert np.sqrt(v) == pytest.approx(DATA_STD, abs=0.02)
@@ -83,8 +87,7 @@ def test_ddim_deterministic_respaced_recovers_gaussian():
     # discretisation shrinks the std to 0.472 here; over all 1000 steps it is 0.498).
     m, v = ddim_moments(np.asarray(sub.betas, np.float64), DATA_MEAN, DATA_STD)
     assert np.sqrt(v) == pytest.approx(0.4719, abs=1e-4)
-    assert x.mean() == pytest.approx(m, abs=4 * np.sqrt(v / x.size))
-    assert x.std() == pytest.approx(np.sqrt(v), abs=4 * np.sqrt(v / (2 * x.size)))
+    _assert_moments(x, m, v)
 
 
 def test_respaced_ancestral_matches_exact_moments():
@@ -98,8 +101,7 @@ def test_respaced_ancestral_matches_exact_moments():
     m, v = ancestral_moments(
         np.asarray(sub.betas, np.float64), DATA_MEAN, DATA_STD, var_type="fixed_small"
     )
-    assert x.mean() == pytest.approx(m, abs=4 * np.sqrt(v / x.size))
-    assert x.std() == pytest.approx(np.sqrt(v), abs=4 * np.sqrt(v / (2 * x.size)))
+    _assert_moments(x, m, v)
 
 
 def test_trajectory_records_and_start_from_x_t():
