@@ -265,11 +265,12 @@ def average_metrics(step_metrics: list[dict]) -> dict[str, float]:
     """Averages the host copies of several steps' metrics for logging.
 
     Scalars are averaged over steps; ``loss_qK`` is the mean per-example loss over all examples
-    of those steps whose t fell in quarter K (NaN if none did), exact however they were spread.
+    of those steps whose t fell in quarter K (left out if none did), exact however they were
+    spread.
     """
     totals = {k: float(sum(m[k] for m in step_metrics)) for k in step_metrics[0]}
     averaged = {k: v / len(step_metrics) for k, v in totals.items() if not k.startswith("loss_q")}
     for q in range(4):
-        count = totals[f"loss_q{q}_count"]
-        averaged[f"loss_q{q}"] = totals[f"loss_q{q}_sum"] / count if count else float("nan")
+        if count := totals[f"loss_q{q}_count"]:
+            averaged[f"loss_q{q}"] = totals[f"loss_q{q}_sum"] / count
     return averaged
