@@ -109,6 +109,23 @@ def vb_terms_bpd(
     ``L_0 = -log p(x0 | x_1)`` (discretised decoder) where ``t == 0``, otherwise
     ``L_t = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))`` (DDPM eq. 5, zero-based t).
     """
+    return _vb_terms_and_prediction(
+        schedule,
+        model_output,
+        x0,
+        x_t,
+        t,
+        mean_type=mean_type,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+        exact_cdf=exact_cdf,
+    )[0]
+
+
+def _vb_terms_and_prediction(
+    schedule, model_output, x0, x_t, t, *, mean_type, var_type, clip_denoised, exact_cdf
+):
+    """``vb_terms_bpd`` and the ``p_mean_variance`` dict it was computed from."""
     true_mean, _, true_log_var = diffusion.q_posterior(schedule, x0, x_t, t)
     out = diffusion.p_mean_variance(
         schedule,
@@ -125,7 +142,7 @@ def vb_terms_bpd(
             x0, out["mean"], 0.5 * out["log_variance"], exact_cdf=exact_cdf
         )
     )
-    return jnp.where(t == 0, decoder_nll, kl) / _LN2
+    return jnp.where(t == 0, decoder_nll, kl) / _LN2, out
 
 
 # --- training losses ------------------------------------------------------------------------
@@ -370,7 +387,7 @@ def bits_per_dim(
         noise = jax.random.normal(jax.random.fold_in(rng, t), x0.shape, x0.dtype)
         x_t = diffusion.q_sample(schedule, x0, t_batch, noise)
         output = model_fn(x_t, schedule.timestep_map[t_batch])
-        vb = vb_terms_bpd(
+        vb, out = _vb_terms_and_prediction(
             schedule,
             output,
             x0,
@@ -381,11 +398,7 @@ def bits_per_dim(
             clip_denoised=clip_denoised,
             exact_cdf=exact_cdf,
         )
-        prediction, _ = diffusion.split_model_output(output, var_type)
-        x0_hat = diffusion.predict_x0(schedule, x_t, t_batch, prediction, mean_type)
-        if clip_denoised:
-            x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
-        return None, (vb, mean_over_dims(jnp.square(x0_hat - x0)))
+        return None, (vb, mean_over_dims(jnp.square(out["pred_x0"] - x0)))
 
     _, (terms, mse) = jax.lax.scan(term, None, jnp.arange(num_timesteps - 1, -1, -1))
     terms, mse = terms[::-1].T, mse[::-1].T
