@@ -68,7 +68,7 @@ class DigitsSource:
 @functools.cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """Returns (uint8 [1797, 8, 8, 1], int64 [1797]) from scikit-learn's file."""
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    from sklearn import datasets
 
     digits = datasets.load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
@@ -86,7 +86,7 @@ def _open_source(data_config: ml_collections.ConfigDict):
     """Returns a random-access source of {"image": uint8 [h, w, c], ...}."""
     if data_config.name == "digits":
         return DigitsSource()
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
 
     return tfds.data_source(
         data_config.name,
@@ -141,7 +141,7 @@ def dataset_spec(
     if data_config.name == "digits":
         _check_image(data_config, (8, 8, 1), np.uint8)
         return _expected_shape(data_config), 10
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
 
     features = tfds.builder(data_config.name, data_dir=data_config.get("data_dir")).info.features
     image = features["image"]

@@ -111,7 +111,9 @@ def _run_chain(
     return x0, records
 
 
-def _check_sampler_options(method, mean_type, var_type, eta):
+def _check_sampler_options(schedule, start_step, method, mean_type, var_type, eta):
+    if not 0 <= start_step < schedule.num_timesteps:
+        raise ValueError(f"start_step must lie in [0, {schedule.num_timesteps}), got {start_step}")
     check_option("sampling method", method, SAMPLING_METHODS)
     check_option("mean_type", mean_type, diffusion.MEAN_TYPES)
     check_option("var_type", var_type, diffusion.VAR_TYPES)
@@ -166,12 +168,9 @@ def sample(
       ``x0`` ``[B, ...]`` float32 (not clipped), or ``(x0, trajectory)`` with ``record_every``:
       ``trajectory = {"x_t", "pred_x0": [N, B, ...], "t": [N]}``, N = ceil(steps / every).
     """
-    _check_sampler_options(method, mean_type, var_type, eta)
-    num_steps = schedule.num_timesteps
     if start_step is None:
-        start_step = num_steps - 1
-    if not 0 <= start_step < num_steps:
-        raise ValueError(f"start_step must lie in [0, {num_steps}), got {start_step}")
+        start_step = schedule.num_timesteps - 1
+    _check_sampler_options(schedule, start_step, method, mean_type, var_type, eta)
     if record_every is not None and record_every < 1:
         raise ValueError(f"record_every must be >= 1, got {record_every}")
     init_key, chain_key = jax.random.split(rng)
@@ -235,11 +234,9 @@ def interpolate(
     Returns:
       ``[L, B, ...]`` decoded images.
     """
-    _check_sampler_options(method, mean_type, var_type, eta)
+    _check_sampler_options(schedule, start_step, method, mean_type, var_type, eta)
     if x0_a.shape != x0_b.shape:
         raise ValueError(f"x0_a {x0_a.shape} and x0_b {x0_b.shape} must have the same shape")
-    if not 0 <= start_step < schedule.num_timesteps:
-        raise ValueError(f"start_step must lie in [0, {schedule.num_timesteps}), got {start_step}")
     key_a, key_b, chain_key = jax.random.split(rng, 3)
     t_batch = jnp.full((x0_a.shape[0],), start_step, dtype=jnp.int32)
     x_t_a = diffusion.q_sample(schedule, x0_a, t_batch, jax.random.normal(key_a, x0_a.shape))
