@@ -79,7 +79,7 @@ def bench_train_step(config, num_steps: int, num_classes: int) -> dict:
     _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
 
     state, init_s = timed(
-        lambda: train_step.create_train_state(config, model, optimizer, image_shape, mesh)
+        lambda: train_step.create_train_state(config, model, optimizer, image_shape, shardings)
     )
     num_params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
     step_fn = train_step.make_train_step(

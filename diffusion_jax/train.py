@@ -96,7 +96,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     checkpointer = checkpointing.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is None:
-        state = train_step.create_train_state(config, model, optimizer, image_shape, mesh)
+        state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
     else:
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings

@@ -87,9 +87,9 @@ def state_shardings(config, model, optimizer, image_shape, mesh):
     return abstract, shardings
 
 
-def create_train_state(config, model, optimizer, image_shape, mesh):
-    """Initialises the state directly in its sharded layout (no host-side full copy)."""
-    _, shardings = state_shardings(config, model, optimizer, image_shape, mesh)
+def create_train_state(config, model, optimizer, image_shape, shardings):
+    """Initialises the state directly in ``shardings`` (from ``state_shardings``; no host-side
+    full copy)."""
     init = jax.jit(
         functools.partial(_init_state, config, model, optimizer, image_shape),
         out_shardings=shardings,
