@@ -44,16 +44,29 @@ _FLIP_STREAM = 0x666C6970
 _READ_THREADS = 2
 
 
+# The embedded digits' splits, in scikit-learn's order: the first 1500 images train, the last
+# 297 are held out for likelihood and sample-quality evaluation.
+DIGITS_SPLITS = {"train": slice(0, 1500), "test": slice(1500, 1797)}
+
+
 class DigitsSource:
-    """The 8x8 handwritten digits shipped with scikit-learn (1797 images).
+    """A split of the 8x8 handwritten digits shipped with scikit-learn (1797 images in all).
 
     A grain `RandomAccessDataSource` over an in-memory array: record `i` is
     `{"image": uint8 [8, 8, 1], "label": int64 scalar in [0, 10)}`. The 17 gray
     levels 0..16 map to uint8 as round(v * 255 / 16), so 0 -> 0 and 16 -> 255.
+    Splits (`DIGITS_SPLITS`): "train" (1500 images) and "test" (297).
     """
 
-    def __init__(self):
-        self._images, self._labels = _digits_arrays()
+    def __init__(self, split: str = "train"):
+        if split not in DIGITS_SPLITS:
+            raise ValueError(
+                f"Data set 'digits' has no split {split!r}; valid: {', '.join(DIGITS_SPLITS)}"
+            )
+        images, labels = _digits_arrays()
+        self.split = split
+        self._images = images[DIGITS_SPLITS[split]]
+        self._labels = labels[DIGITS_SPLITS[split]]
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -62,12 +75,12 @@ class DigitsSource:
         return {"image": self._images[index], "label": self._labels[index]}
 
     def __repr__(self) -> str:
-        return f"DigitsSource(num_records={len(self)})"
+        return f"DigitsSource(split={self.split!r}, num_records={len(self)})"
 
 
 @functools.cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """Returns (uint8 [1797, 8, 8, 1], int64 [1797]) from scikit-learn's file."""
+    """Returns all (uint8 [1797, 8, 8, 1], int64 [1797]) from scikit-learn's file."""
     from sklearn import datasets
 
     digits = datasets.load_digits()
@@ -85,7 +98,7 @@ def _is_resizable(name: str) -> bool:
 def _open_source(data_config: ml_collections.ConfigDict):
     """Returns a random-access source of {"image": uint8 [h, w, c], ...}."""
     if data_config.name == "digits":
-        return DigitsSource()
+        return DigitsSource(data_config.split)
     import tensorflow_datasets as tfds
 
     return tfds.data_source(

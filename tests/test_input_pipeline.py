@@ -9,7 +9,7 @@ from sklearn import datasets
 
 from diffusion_jax import input_pipeline
 
-NUM_DIGITS = 1797
+NUM_DIGITS = 1500  # the digits' train split
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -67,6 +67,18 @@ def test_digits_value_mapping():
     assert zero.any() and sixteen.any()
     assert np.all(batch["image"][..., 0][zero] == -1.0)
     assert np.all(batch["image"][..., 0][sixteen] == 1.0)
+
+
+def test_digits_splits_are_disjoint_and_cover_the_data():
+    digits = datasets.load_digits()
+    train, test = input_pipeline.DigitsSource("train"), input_pipeline.DigitsSource("test")
+    assert (len(train), len(test)) == (1500, 297)
+    expected_uint8 = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
+    np.testing.assert_array_equal(train[1499]["image"], expected_uint8[1499])
+    np.testing.assert_array_equal(test[0]["image"], expected_uint8[1500])
+    assert test[296]["label"] == digits.target[1796]
+    with pytest.raises(ValueError, match="no split 'validation'; valid: train, test"):
+        input_pipeline.DigitsSource("validation")
 
 
 def test_flip_mirrors_about_half():
@@ -143,9 +155,9 @@ def test_checkpoint_restore_resumes_at_next_batch(tmp_path):
 
 
 def test_epochs_cover_data_once_and_reshuffle():
-    # 1797 = 3 * 599: every epoch is exactly 3 batches covering each image once.
+    # 1500 = 3 * 500: every epoch is exactly 3 batches covering each image once.
     it = input_pipeline.create_train_iterator(
-        _config(random_flip=False), global_batch_size=599, seed=2
+        _config(random_flip=False), global_batch_size=500, seed=2
     )
     batches = _take(it, 7)
     source = input_pipeline.DigitsSource()
@@ -160,11 +172,11 @@ def test_epochs_cover_data_once_and_reshuffle():
         rows = _to_uint8(images).reshape(NUM_DIGITS, -1)
         np.testing.assert_array_equal(sorted_rows(rows), sorted_rows(all_images))
     assert not np.array_equal(batches[0]["image"], batches[3]["image"])
-    assert batches[6]["image"].shape == (599, 8, 8, 1)
+    assert batches[6]["image"].shape == (500, 8, 8, 1)
 
 
 def test_drop_remainder_each_epoch():
-    # 1797 // 1000 = 1 batch per epoch; the other 797 are dropped.
+    # 1500 // 1000 = 1 batch per epoch; the other 500 are dropped.
     it = input_pipeline.create_train_iterator(
         _config(shuffle=False, random_flip=False), global_batch_size=1000, seed=0
     )
