@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import diffusion
+from diffusion_jax import noise as noise_lib  # `noise` names the training noise here
 from diffusion_jax.diffusion import MEAN_TYPES, VAR_TYPES, check_option
 from diffusion_jax.schedules import Schedule
 
@@ -363,7 +364,8 @@ def bits_per_dim(
     """The full variational bound ``-log p(x0) <= L_prior + sum_t L_t`` per example, bits/dim.
 
     One ``lax.scan`` over all T steps of ``schedule`` (each term draws its own ``x_t`` with noise
-    from ``fold_in(rng, t)``). ``model_fn(x_t, t_model)`` is called with
+    from ``fold_in(rng, t)``; with one key per example, example i's terms depend on key i
+    alone, see ``diffusion_jax.noise``). ``model_fn(x_t, t_model)`` is called with
     ``t_model = schedule.timestep_map[t]``: the timestep of the original process, so a network
     trained on T steps evaluates the bound of a respaced (shorter) process as well.
 
@@ -373,7 +375,7 @@ def bits_per_dim(
         ``jax.jit`` with the parameters as its argument).
       schedule: the process whose bound is computed.
       x0: data ``[B, ...]`` in [-1, 1] on the 8-bit grid.
-      rng: PRNG key.
+      rng: PRNG key, or one key per example (``uint32 [B, 2]`` or typed ``[B]``).
 
     Returns:
       ``{"total_bpd": [B], "prior_bpd": [B], "terms_bpd": [B, T], "mse": [B, T]}`` where
@@ -384,8 +386,9 @@ def bits_per_dim(
 
     def term(_, t):
         t_batch = jnp.full((batch,), t, dtype=jnp.int32)
-        noise = jax.random.normal(jax.random.fold_in(rng, t), x0.shape, x0.dtype)
-        x_t = diffusion.q_sample(schedule, x0, t_batch, noise)
+        x_t = diffusion.q_sample(
+            schedule, x0, t_batch, noise_lib.normal(noise_lib.fold_in(rng, t), x0.shape, x0.dtype)
+        )
         output = model_fn(x_t, schedule.timestep_map[t_batch])
         vb, out = _vb_terms_and_prediction(
             schedule,

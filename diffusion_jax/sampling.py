@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, noise
 from diffusion_jax.diffusion import check_option, extract
 from diffusion_jax.schedules import Schedule
 
@@ -33,7 +33,6 @@ def _reverse_step(
     schedule,
     x_t,
     t,
-    key,
     *,
     method,
     mean_type,
@@ -42,7 +41,7 @@ def _reverse_step(
     eta,
     draw_noise,
 ):
-    """One step ``x_t -> x_{t-1}``; returns ``(x_{t-1}, pred_x0)``."""
+    """One step ``x_t -> x_{t-1}`` with noise ``draw_noise(t)``; returns ``(x_{t-1}, pred_x0)``."""
     t_batch = jnp.full((x_t.shape[0],), t, dtype=jnp.int32)
     output = model_fn(x_t, schedule.timestep_map[t_batch])
     out = diffusion.p_mean_variance(
@@ -54,23 +53,21 @@ def _reverse_step(
         var_type=var_type,
         clip_denoised=clip_denoised,
     )
-    noise = draw_noise(key)
+    step_noise = draw_noise(t)
     not_last = (t > 0).astype(x_t.dtype)
     if method == "ancestral":
-        x_prev = out["mean"] + not_last * jnp.exp(0.5 * out["log_variance"]) * noise
+        x_prev = out["mean"] + not_last * jnp.exp(0.5 * out["log_variance"]) * step_noise
     else:
         abar = extract(schedule.alphas_cumprod, t_batch, x_t.shape)
         abar_prev = extract(schedule.alphas_cumprod_prev, t_batch, x_t.shape)
         sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
         direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * out["pred_eps"]
-        x_prev = jnp.sqrt(abar_prev) * out["pred_x0"] + direction + not_last * sigma * noise
+        x_prev = jnp.sqrt(abar_prev) * out["pred_x0"] + direction + not_last * sigma * step_noise
     return x_prev, out["pred_x0"]
 
 
-def _run_chain(
-    model_fn, schedule, x_start, start_step, rng, *, record_every, draw_noise, **step_kw
-):
-    """Runs steps ``start_step, ..., 0`` from ``x_start``.
+def _run_chain(model_fn, schedule, x_start, start_step, *, record_every, draw_noise, **step_kw):
+    """Runs steps ``start_step, ..., 0`` from ``x_start``; step t's noise is ``draw_noise(t)``.
 
     Returns ``(x0, trajectory)`` where ``trajectory`` is None or holds ``x_t``/``pred_x0``
     ``[N, ...]`` and ``t`` ``[N]`` for every ``record_every``-th step (the first one included).
@@ -86,7 +83,6 @@ def _run_chain(
             schedule,
             x_t,
             t,
-            jax.random.fold_in(rng, t),
             draw_noise=draw_noise,
             **step_kw,
         )
@@ -156,7 +152,10 @@ def sample(
       model_fn: ``(x_t [B, ...], t [B]) -> output`` (see the module docstring).
       schedule: the process to reverse (full or respaced).
       shape: ``(B, H, W, C)`` of the samples.
-      rng: PRNG key. Step t uses ``fold_in(rng_chain, t)``; the starting noise its own key.
+      rng: a PRNG key, or one key per sample (``uint32 [B, 2]`` or typed ``[B]``; then sample
+        i depends on key i alone, whatever the batch: see ``diffusion_jax.noise``). With
+        ``(start_key, chain_key) = split(rng)``, step t's noise comes from
+        ``fold_in(chain_key, t)`` and the starting noise from ``start_key``.
       mean_type, var_type: the network's parameterisation (``diffusion`` module).
       clip_denoised: clip the predicted x0 to [-1, 1] at each step.
       method: ``ancestral`` or ``ddim``; eta: DDIM's noise scale (0 = deterministic).
@@ -173,9 +172,9 @@ def sample(
     _check_sampler_options(schedule, start_step, method, mean_type, var_type, eta)
     if record_every is not None and record_every < 1:
         raise ValueError(f"record_every must be >= 1, got {record_every}")
-    init_key, chain_key = jax.random.split(rng)
+    init_key, chain_key = noise.split(rng)
     if x_start is None:
-        x_start = jax.random.normal(init_key, shape, jnp.float32)
+        x_start = noise.normal(init_key, shape)
     elif tuple(x_start.shape) != tuple(shape):
         raise ValueError(f"x_start has shape {x_start.shape}, expected {tuple(shape)}")
     x0, records = _run_chain(
@@ -183,9 +182,8 @@ def sample(
         schedule,
         x_start,
         start_step,
-        chain_key,
         record_every=record_every,
-        draw_noise=lambda key: jax.random.normal(key, shape, jnp.float32),
+        draw_noise=lambda t: noise.normal(noise.fold_in(chain_key, t), shape),
         method=method,
         mean_type=mean_type,
         var_type=var_type,
@@ -246,16 +244,15 @@ def interpolate(
     num_lambdas = latents.shape[0]
     flat = latents.reshape((-1,) + x0_a.shape[1:])
 
-    def shared_noise(key):
-        noise = jax.random.normal(key, x0_a.shape, jnp.float32)
-        return jnp.tile(noise, (num_lambdas,) + (1,) * (x0_a.ndim - 1))
+    def shared_noise(t):
+        step_noise = jax.random.normal(jax.random.fold_in(chain_key, t), x0_a.shape, jnp.float32)
+        return jnp.tile(step_noise, (num_lambdas,) + (1,) * (x0_a.ndim - 1))
 
     x0, _ = _run_chain(
         model_fn,
         schedule,
         flat,
         start_step,
-        chain_key,
         record_every=None,
         draw_noise=shared_noise,
         method=method,
