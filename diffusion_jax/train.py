@@ -10,36 +10,17 @@ and a final save on SIGTERM/preemption. Multi-host: the same program on every pr
 
 from __future__ import annotations
 
-import ast
-import logging as pylogging
 import math
-import os
 import pathlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import xla_flags
+from diffusion_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices",
-    None,
-    "Number of CPU devices this process exposes (--xla_force_host_platform_device_count).",
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "host:port of process 0 for jax.distributed; with --num_processes and --process_id. "
-    "On TPU pods and SLURM use --distributed instead (auto-detected).",
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() with auto-detected settings."
-)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,6 +50,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     from diffusion_jax import (
         checkpointing,
         config_lib,
+        generate,
         input_pipeline,
         reporting,
         sharding,
@@ -110,8 +92,9 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     step_fn = train_step.make_train_step(
         config, model, schedule, optimizer, lr_schedule, mesh, shardings
     )
-    sample_fn = (
-        train_step.make_sample_fn(config, model, mesh, shardings.ema_params)
+    num_preview = config.sampling.num_samples
+    generate_fn = (
+        generate.make_generate_fn(config, model, mesh, shardings.ema_params, num_preview)
         if tcfg.sample_every
         else None
     )
@@ -144,11 +127,9 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
                 fetched = drain()
                 last_logged = train_step.average_metrics(fetched)
                 reporter.log_train(step, last_logged)
-            if sample_fn is not None and step % tcfg.sample_every == 0:
-                images = jax.device_get(
-                    sample_fn(state.ema_params, jax.random.PRNGKey(config.seed + step))
-                )
-                reporter.save_samples(step, images)
+            if generate_fn is not None and step % tcfg.sample_every == 0:
+                images = generate_fn(state.ema_params, jax.random.PRNGKey(config.seed + step), 0)
+                reporter.save_samples(step, generate.to_host(images)[:num_preview])
             stopping = (stop is not None and stop.received) or checkpointer.reached_preemption(step)
             if stopping or step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
                 drain()
@@ -169,48 +150,12 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     return last_logged
 
 
-def _init_runtime():
-    """Device count and multi-process setup; must run before JAX initialises a backend."""
-    xla_flags.configure(cpu_devices=_CPU_DEVICES.value)
-    import jax
-
-    if _COORDINATOR.value or _DISTRIBUTED.value:
-        if jax.config.jax_platforms in (None, "", "cpu"):
-            # Collectives across the CPU devices of several processes, also without
-            # --cpu_devices (the default implementation depends on the JAX version).
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
-        )
-    logging.info(
-        "JAX %s: process %d/%d, %d local / %d global devices (%s)",
-        jax.__version__,
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices()[0].platform,
-    )
-
-
-class _QuietLibraries(pylogging.Filter):
-    """Drops the INFO chatter of orbax and grain (one line per file written) from the log."""
-
-    def filter(self, record):
-        return record.levelno >= pylogging.WARNING or not any(
-            f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain")
-        )
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    _init_runtime()
+    runtime.init_runtime()
     from diffusion_jax import checkpointing, config_lib
 
     try:
@@ -225,18 +170,5 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
-def _parse_flags(argv):
-    """absl's flag parsing, with a one-line error for a bad ``--config.*`` override."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        reason = str(e)
-        try:  # ml_collections' unknown-key errors arrive as the repr of a message
-            reason = str(ast.literal_eval(reason))
-        except (ValueError, SyntaxError):
-            pass
-        sys.exit(f"error: bad command line: {' '.join(reason.split())}")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=runtime.parse_flags)

@@ -1,4 +1,4 @@
-"""Train state, the sharded train step and the EMA sampler, built from a validated config.
+"""Train state and the sharded train step, built from a validated config.
 
 Randomness: one base key in the state; step ``s`` splits ``fold_in(key, s)`` into an example
 root and a dropout root. Example ``i`` of the global batch draws its t and noise from
@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import config_lib, diffusion, losses, sampling, sharding
+from diffusion_jax import diffusion, losses, sharding
 from diffusion_jax.losses import LossHistory
 
 
@@ -222,42 +222,6 @@ def make_train_step(config, model, schedule, optimizer, lr_schedule, mesh, state
         in_shardings=(state_sharding, batch_shardings),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
-    )
-
-
-def make_sample_fn(config, model, mesh, param_sharding):
-    """Jitted ``sample_fn(ema_params, rng) -> images [N, H, W, C]`` in [-1, 1] (replicated).
-
-    Parameters are an argument (not a closure), so it compiles once for the whole run.
-    """
-    scfg, dcfg = config.sampling, config.diffusion
-    schedule = config_lib.make_sampling_schedule(config)
-    num = scfg.num_samples
-    shape = (num, config.data.image_size, config.data.image_size, config.data.channels)
-    conditional = model.num_classes is not None
-
-    def sample_fn(params, rng):
-        label_key, sample_key = jax.random.split(rng)
-        y = jax.random.randint(label_key, (num,), 0, model.num_classes) if conditional else None
-
-        def model_fn(x_t, t):
-            return model.apply({"params": params}, x_t, t, y, train=False)
-
-        x0 = sampling.sample(
-            model_fn,
-            schedule,
-            shape,
-            sample_key,
-            mean_type=dcfg.mean_type,
-            var_type=dcfg.var_type,
-            clip_denoised=scfg.clip_denoised,
-            method=scfg.method,
-            eta=scfg.eta,
-        )
-        return jnp.clip(x0, -1.0, 1.0)
-
-    return jax.jit(
-        sample_fn, in_shardings=(param_sharding, None), out_shardings=sharding.replicated(mesh)
     )
 
 

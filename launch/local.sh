@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the training program as NUM_PROCESSES processes x DEVICES_PER_PROCESS CPU devices on this
+# Runs a program (training by default) as NUM_PROCESSES processes x DEVICES_PER_PROCESS CPU devices on this
 # machine, connected by jax.distributed over loopback (gloo collectives): a multi-host run in
 # miniature, for tests and for debugging sharding without a pod.
 #
@@ -7,7 +7,8 @@
 #   e.g. launch/local.sh 2 2 -- --config=configs/digits.py --workdir=/tmp/digits
 #
 # Environment variables:
-#   PYTHON       interpreter that runs `-m diffusion_jax.train` (default: python3)
+#   PYTHON       interpreter that runs the program (default: python3)
+#   MODULE       the program: diffusion_jax.train (default) or diffusion_jax.evaluate
 #   PORT         coordinator port on 127.0.0.1 (default: a free port picked by the OS)
 #   LOG_DIR      if set, process i writes to $LOG_DIR/process_<i>.log instead of the terminal
 #                (where its lines are prefixed with "[i] ")
@@ -66,7 +67,7 @@ trap 'echo "local.sh: signal received, stopping all processes" >&2; stop_all' IN
 
 for ((i = 0; i < num_processes && !stopping; i++)); do
     args=(
-        -m diffusion_jax.train
+        -m "${MODULE:-diffusion_jax.train}"
         --cpu_devices="$devices_per_process"
         --coordinator_address="127.0.0.1:$port"
         --num_processes="$num_processes"

@@ -1,0 +1,96 @@
+"""Sample generation split over a mesh's devices and processes, shared by training and evaluation.
+
+Sample ``i`` (a global index: the preview grid's ``0..63``, or sample 41,337 of an evaluation
+run) draws all of its noise, and its class label for a conditional model, from
+``fold_in(key, i)``. Every device computes its own slice of the batch, and a set of N samples
+is the same on any number of devices or processes and in any chunking of the indices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from diffusion_jax import config_lib, sampling, sharding
+
+
+def sample_keys(rng, indices):
+    """Per-sample keys ``uint32 [N, 2]``: ``fold_in(rng, i)`` for each global index ``i``."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices.astype(jnp.uint32))
+
+
+def padded_size(num: int, mesh) -> int:
+    """``num`` rounded up to a multiple of the mesh's device count."""
+    return -(-num // mesh.size) * mesh.size
+
+
+def make_generate_fn(config, model, mesh, param_sharding, num_samples: int):
+    """Jitted ``generate(params, rng, first_index) -> images [P, H, W, C]`` in [-1, 1].
+
+    Generates samples ``first_index .. first_index + P - 1`` with the sampler of
+    ``config.sampling`` (method, number of steps, eta, clipping) from ``params`` (e.g. the EMA
+    parameters, laid out as ``param_sharding``). ``P = padded_size(num_samples, mesh)``: the
+    batch is split evenly over every device of the mesh (all processes), so it is padded to a
+    multiple of the device count; callers keep the first ``num_samples`` rows. The result is a
+    global array sharded over the batch axes (``to_host`` gathers it). Parameters and
+    ``first_index`` are arguments, so one compilation serves a whole run.
+    """
+    scfg, dcfg = config.sampling, config.diffusion
+    schedule = config_lib.make_sampling_schedule(config)
+    batch = padded_size(num_samples, mesh)
+    shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
+    conditional = model.num_classes is not None
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def generate(params, rng, first_index):
+        label_root, noise_root = jax.random.split(rng)
+        indices = first_index + jnp.arange(batch, dtype=jnp.int32)
+        keys = jax.lax.with_sharding_constraint(sample_keys(noise_root, indices), batch_sharding)
+        y = None
+        if conditional:
+            y = jax.vmap(lambda k: jax.random.randint(k, (), 0, model.num_classes))(
+                sample_keys(label_root, indices)
+            )
+
+        def model_fn(x_t, t):
+            x_t = jax.lax.with_sharding_constraint(x_t, batch_sharding)
+            return model.apply({"params": params}, x_t, t, y, train=False)
+
+        x0 = sampling.sample(
+            model_fn,
+            schedule,
+            shape,
+            keys,
+            mean_type=dcfg.mean_type,
+            var_type=dcfg.var_type,
+            clip_denoised=scfg.clip_denoised,
+            method=scfg.method,
+            eta=scfg.eta,
+        )
+        return jnp.clip(x0, -1.0, 1.0)
+
+    return jax.jit(
+        generate,
+        in_shardings=(param_sharding, None, None),
+        out_shardings=batch_sharding,
+    )
+
+
+def to_host(tree):
+    """Each (possibly multi-process) global array of ``tree`` as one whole NumPy array on every
+    process. Every process must call it."""
+    if jax.process_count() == 1:
+        return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree
+    )
+
+
+def to_uint8(images) -> np.ndarray:
+    """Quantises images in [-1, 1] as 8-bit images on disk: ``uint8(clip(round(127.5 x +
+    127.5), 0, 255))`` (rounding, not truncation)."""
+    return np.clip(np.round(np.asarray(images, np.float32) * 127.5 + 127.5), 0, 255).astype(
+        np.uint8
+    )
