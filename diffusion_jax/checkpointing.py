@@ -28,15 +28,17 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """Saves ``{"state": train state, "data": iterator position}`` under ``workdir/checkpoints``."""
 
-    def __init__(self, workdir, *, keep: int, async_save: bool = True):
+    def __init__(self, workdir, *, keep: int = 1, async_save: bool = True, read_only=False):
+        """``read_only``: for evaluation; creates, cleans up and deletes nothing."""
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=True,
-                cleanup_tmp_directories=True,
-                enable_async_checkpointing=async_save,
+                max_to_keep=None if read_only else keep,
+                create=not read_only,
+                cleanup_tmp_directories=not read_only,
+                enable_async_checkpointing=async_save and not read_only,
+                read_only=read_only,
             ),
             item_names=("state", "data"),
         )
@@ -75,6 +77,35 @@ class Checkpointer:
                 "another --workdir."
             ) from e
         return restored["state"]
+
+    def restore_ema_params(self, step: int | None, abstract_ema_params):
+        """``(ema_params, step)`` of checkpoint ``step`` (None: the latest), laid out as
+        ``abstract_ema_params`` (ShapeDtypeStructs with shardings). Reads neither the rest of
+        the train state nor the data iterator's position."""
+        steps = self._manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"No checkpoint in {self.directory}: nothing to evaluate")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise CheckpointError(
+                f"No checkpoint of step {step} in {self.directory}; available steps: "
+                f"{', '.join(map(str, sorted(steps)))}"
+            )
+        item = {"ema_params": abstract_ema_params}
+        partial = ocp.args.PyTreeRestore(
+            item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=partial))
+        except Exception as e:  # orbax raises many types; all mean "this one is unusable"
+            raise CheckpointError(
+                f"Cannot restore the EMA parameters of checkpoint {step} in {self.directory}: "
+                f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            ) from e
+        return restored["state"]["ema_params"], step
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once a preemption notice (SIGTERM under jax.distributed's

@@ -7,6 +7,9 @@ range; errors name the key (``training.batch_size``) and what would be valid.
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax.numpy as jnp
 import ml_collections
 
@@ -92,6 +95,9 @@ def validate(
         "training.checkpoint_every",
         "training.keep_checkpoints",
         "sampling.num_samples",
+        "eval.num_samples",
+        "eval.batch_size",
+        "eval.precision_recall_samples",
         "data.image_size",
         "data.channels",
         "model.ch",
@@ -105,6 +111,8 @@ def validate(
         "data.num_workers",
         "data.prefetch",
         "sampling.eta",
+        "eval.num_examples",
+        "eval.seed",
     ):
         _at_least(config, path, 0)
     if not 0.0 <= config.model.dropout < 1.0:
@@ -168,12 +176,57 @@ def validate(
             f"Config key 'training.batch_size' ({batch}) must be divisible by the number of "
             f"devices ({num_devices}) x 'training.grad_accum_steps' ({accum})"
         )
+    if config.eval.batch_size % num_devices:
+        raise ConfigError(
+            f"Config key 'eval.batch_size' ({config.eval.batch_size}) must be divisible by the "
+            f"number of devices ({num_devices})"
+        )
     if batch % process_count:
         raise ConfigError(
             f"Config key 'training.batch_size' ({batch}) must be divisible by the number of "
             f"processes ({process_count})"
         )
     return config
+
+
+def load(workdir, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was trained with (its ``config.json``).
+
+    Applied on top of today's defaults, so keys added since the run keep their defaults; then
+    ``overrides`` (``{"eval.num_samples": 1000}``, dotted keys) are set. Not validated.
+    """
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"No config.json in {workdir}: not a training workdir (python -m diffusion_jax.train "
+            "writes it)"
+        )
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    config = config_defaults.get_config()
+    _update(config, saved)
+    for key, value in (overrides or {}).items():
+        *groups, leaf = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[leaf] = value
+    return config
+
+
+def _update(config, values: dict, prefix: str = ""):
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in config:
+            raise ConfigError(f"Unknown config key {path!r} in config.json")
+        if isinstance(value, dict):
+            _update(config[key], value, f"{path}.")
+        elif isinstance(config[key], tuple) and isinstance(value, list):
+            config[key] = tuple(value)
+        else:
+            config[key] = value
 
 
 def make_schedule(config) -> schedules.Schedule:

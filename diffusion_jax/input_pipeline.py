@@ -286,6 +286,63 @@ def create_train_iterator(
     return iter(dataset)
 
 
+def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
+    """Number of examples in ``split`` of the data set (opens it; reads no image)."""
+    return len(_open_source(_with_split(data_config, split)))
+
+
+def _with_split(data_config, split: str) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(data_config.to_dict())
+    config.split = split
+    config.random_flip = False
+    return config
+
+
+def eval_batches(
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    global_batch_size: int,
+    num_examples: int | None = None,
+    start_batch: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
+    """One pass over the first ``num_examples`` (None: all) examples of ``split``, in order.
+
+    Yields host-local batches ``{"image": float32 [L, H, W, C] in [-1, 1], "label": int32 [L],
+    "index": int32 [L], "mask": bool [L]}``, ``L = global_batch_size // process_count``, rows
+    ``[p L, (p + 1) L)`` of each global batch for process p. The last global batch is padded
+    by repeating example 0 with ``mask`` False, so each example counts exactly once. No
+    shuffling or flipping; images are center-cropped/resized like the training data.
+    ``start_batch`` skips that many global batches (to resume a long evaluation).
+    """
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"eval.batch_size={global_batch_size} must be divisible by the number of "
+            f"processes ({process_count})."
+        )
+    config = _with_split(data_config, split)
+    source = _open_source(config)
+    total = len(source) if num_examples is None else min(num_examples, len(source))
+    if total < 1:
+        raise ValueError(f"Split {split!r} of data set {data_config.name!r} has no examples")
+    first = source[0]["image"]
+    _check_image(config, first.shape, first.dtype)
+    local = global_batch_size // process_count
+    rows = slice(process_index * local, (process_index + 1) * local)
+    load = _LoadLocalBatch(source, config, seed=0, rows=rows)
+    for step in range(start_batch, -(-total // global_batch_size)):
+        indices = np.arange(step * global_batch_size, (step + 1) * global_batch_size)
+        mask = indices < total
+        batch = load(step, np.where(mask, indices, 0))
+        yield dict(batch, index=indices[rows].astype(np.int32), mask=mask[rows])
+
+
 def iterator_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool) -> Any:
     """Returns the orbax args that save (or restore into) `iterator`'s position.
 

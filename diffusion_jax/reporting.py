@@ -14,12 +14,13 @@ from absl import logging
 from PIL import Image
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
     """Tiles ``[N, H, W, C]`` images in [-1, 1] into one uint8 ``[rows*H, cols*W, C]`` grid
-    (as square as N allows), separated by 1-pixel mid-grey lines."""
+    (row by row; as square as N allows unless ``cols`` is given), separated by 1-pixel
+    mid-grey lines."""
     images = np.asarray(images, np.float32)
     n, h, w, c = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
+    cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
     pixels = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
     grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 128, np.uint8)
@@ -29,9 +30,10 @@ def image_grid(images: np.ndarray) -> np.ndarray:
     return grid
 
 
-def save_png(path, images: np.ndarray, *, scale: int = 1) -> pathlib.Path:
-    """Writes an image grid of ``images`` to ``path`` (nearest-neighbour upscaled by scale)."""
-    grid = image_grid(images)
+def save_png(path, images: np.ndarray, *, scale: int = 1, cols: int | None = None):
+    """Writes an image grid of ``images`` to ``path`` (nearest-neighbour upscaled by scale);
+    returns the path."""
+    grid = image_grid(images, cols)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path = pathlib.Path(path)

@@ -1,0 +1,81 @@
+"""Evaluates a trained workdir.
+
+``python -m diffusion_jax.evaluate --workdir=DIR --mode=MODE [--step=N] [--config.eval.KEY=V]``
+
+Reads ``DIR/config.json`` (the run's config; ``--config.*`` flags override keys of it), restores
+the EMA parameters of the latest checkpoint (or ``--step``) and runs one mode:
+
+  - ``bpd``: the variational bound in bits/dim over ``eval.split`` (resumable);
+  - ``sample``: ``eval.num_samples`` samples as uint8 ``.npz`` shards plus a grid (resumable);
+  - ``fid``: FID, Inception Score, KID and precision/recall of the sample directory against
+    ``eval.reference_split`` (cached reference features);
+  - ``figures``: the DDPM paper's figures 5, 6, 7 and 9 as PNG (and the rate-distortion data).
+
+Each writes ``DIR/eval/<mode>_step<N>.json`` (its numbers, the step and the config) and prints
+a one-line summary. Multi-host like training: the same command on every process.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffusion_jax import config_defaults, runtime
+
+# mode -> module of diffusion_jax.evaluators
+MODES = {"bpd": "bpd", "sample": "samples", "fid": "fid", "figures": "figures"}
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (with config.json).")
+_MODE = flags.DEFINE_enum("mode", None, list(MODES), "What to evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_CONFIG = config_flags.DEFINE_config_dict(
+    "config",
+    config_defaults.get_config(),
+    "Overrides of the run's config.json, e.g. --config.eval.num_samples=1000.",
+)
+
+
+def evaluate(workdir, mode: str, step: int | None = None, overrides: dict | None = None) -> dict:
+    """Runs ``mode`` on ``workdir``; returns its numbers (also in ``eval/<mode>_step<N>.json``,
+    with the step and the config)."""
+    import importlib
+
+    import jax
+
+    from diffusion_jax import config_lib
+    from diffusion_jax.evaluators import common
+
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    evaluator = importlib.import_module(f"diffusion_jax.evaluators.{MODES[mode]}")
+    config = config_lib.load(workdir, overrides)
+    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    context = common.restore(config, workdir, step)
+    logging.info("Evaluating step %d of %s: %s", context.step, workdir, mode)
+    result = evaluator.run(context)
+    path = common.save_result(context, mode, result)
+    if context.is_main:
+        print(f"{mode} step {context.step}: {evaluator.summary(result)} -> {path}", flush=True)
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _WORKDIR.value is None or _MODE.value is None:
+        raise app.UsageError("--workdir and --mode are required")
+    runtime.init_runtime()
+    from diffusion_jax import checkpointing, config_lib
+
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    try:
+        evaluate(_WORKDIR.value, _MODE.value, _STEP.value, overrides)
+    except (config_lib.ConfigError, checkpointing.CheckpointError, ValueError, OSError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=runtime.parse_flags)

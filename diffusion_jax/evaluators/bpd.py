@@ -1,0 +1,168 @@
+"""``mode=bpd``: the full variational bound in bits/dim over a data split.
+
+Each example costs T network evaluations (``losses.bits_per_dim``, one scan over all T terms
+of the training process); its noise is keyed by its index in the split, so the numbers do not
+depend on the batch size or on the number of devices and processes. Batches are sharded over
+the mesh; the last one is padded and masked. Sums over examples are kept on the host in
+float64, in example order, and saved after every batch to ``eval/bpd_step<N>.partial.npz``: a
+killed run restarts from the last finished batch and ends with bit-identical numbers. The
+finished run leaves ``eval/bpd_step<N>.npz`` with every example's ``total_bpd``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+
+from diffusion_jax import config_lib, generate, input_pipeline, losses, sharding
+from diffusion_jax.evaluators import common
+
+
+def make_bound_fn(ctx: common.Context):
+    """Jitted ``(params, batch) -> {"total_bpd", "prior_bpd": [B], "terms_bpd", "mse": [B, T]}``
+    with ``batch = {"image", "label", "keys"}`` global arrays sharded over the batch axes."""
+    config, model = ctx.config, ctx.model
+    schedule = config_lib.make_schedule(config)
+    batch_sharding = sharding.batch_sharding(ctx.mesh)
+
+    def bound(params, batch):
+        y = batch["label"] if model.num_classes is not None else None
+
+        def model_fn(x_t, t):
+            x_t = jax.lax.with_sharding_constraint(x_t, batch_sharding)
+            return model.apply({"params": params}, x_t, t, y, train=False)
+
+        return losses.bits_per_dim(
+            model_fn,
+            schedule,
+            batch["image"],
+            batch["keys"],
+            mean_type=config.diffusion.mean_type,
+            var_type=config.diffusion.var_type,
+            clip_denoised=config.sampling.clip_denoised,
+        )
+
+    return jax.jit(bound, in_shardings=(ctx.param_sharding, batch_sharding))
+
+
+def _settings(ctx, num_examples: int) -> dict:
+    """What the partial sums depend on; a saved partial file must match them to be resumed."""
+    cfg = ctx.config
+    return {
+        "split": cfg.eval.split,
+        "num_examples": num_examples,
+        "batch_size": cfg.eval.batch_size,
+        "seed": cfg.eval.seed,
+        "clip_denoised": cfg.sampling.clip_denoised,
+    }
+
+
+def _zero_sums(num_examples: int, num_timesteps: int) -> dict:
+    return {
+        "batches_done": np.zeros((), np.int64),
+        "count": np.zeros((), np.int64),
+        "total": np.zeros((), np.float64),
+        "prior": np.zeros((), np.float64),
+        "terms": np.zeros((num_timesteps,), np.float64),
+        "mse": np.zeros((num_timesteps,), np.float64),
+        "example_bpd": np.full((num_examples,), np.nan, np.float32),
+    }
+
+
+def _load_partial(path, settings: dict, num_examples: int, num_timesteps: int) -> dict:
+    if not path.exists():
+        return _zero_sums(num_examples, num_timesteps)
+    with np.load(path) as saved:
+        sums = {k: saved[k] for k in saved.files if k != "settings"}
+        saved_settings = json.loads(str(saved["settings"]))
+    if saved_settings != settings:
+        changed = [k for k in settings if saved_settings.get(k) != settings[k]]
+        raise ValueError(
+            f"{path} holds partial sums made with "
+            + ", ".join(f"{k}={saved_settings.get(k)!r}" for k in changed)
+            + "; now "
+            + ", ".join(f"{k}={settings[k]!r}" for k in changed)
+            + ". Restore those settings to resume it, or delete it to start over."
+        )
+    return sums
+
+
+def _save(path, sums: dict, settings: dict) -> None:
+    common.write_atomically(
+        path, lambda tmp: np.savez(tmp, settings=json.dumps(settings, sort_keys=True), **sums)
+    )
+
+
+def run(ctx: common.Context) -> dict:
+    cfg = ctx.config
+    split, batch_size = cfg.eval.split, cfg.eval.batch_size
+    available = input_pipeline.split_size(cfg.data, split)
+    num_examples = min(cfg.eval.num_examples or available, available)
+    num_timesteps = cfg.diffusion.num_timesteps
+    settings = _settings(ctx, num_examples)
+    partial_path = ctx.eval_dir / f"bpd_step{ctx.step}.partial.npz"
+    sums = _load_partial(partial_path, settings, num_examples, num_timesteps)
+    start = int(sums["batches_done"])
+
+    bound_fn = make_bound_fn(ctx)
+    progress = common.Progress(f"bpd on {split}", num_examples, "images", int(sums["count"]))
+    batches = input_pipeline.eval_batches(
+        cfg.data,
+        split,
+        global_batch_size=batch_size,
+        num_examples=num_examples,
+        start_batch=start,
+    )
+    for b, local in enumerate(batches, start):
+        batch = sharding.global_batch(
+            ctx.mesh,
+            {
+                "image": local["image"],
+                "label": local["label"],
+                "keys": np.asarray(common.example_keys(cfg.eval.seed, local["index"])),
+            },
+        )
+        out = generate.to_host(bound_fn(ctx.params, batch))
+        index = b * batch_size + np.arange(batch_size)  # the global batch, all processes
+        mask = index < num_examples
+        for i in np.flatnonzero(mask):  # example order: sums do not depend on the batching
+            sums["total"] += np.float64(out["total_bpd"][i])
+            sums["prior"] += np.float64(out["prior_bpd"][i])
+            sums["terms"] += out["terms_bpd"][i].astype(np.float64)
+            sums["mse"] += out["mse"][i].astype(np.float64)
+        sums["example_bpd"][index[mask]] = out["total_bpd"][mask]
+        sums["count"] += int(mask.sum())
+        sums["batches_done"] += 1
+        if ctx.is_main:
+            _save(partial_path, sums, settings)
+        count = int(sums["count"])
+        progress.update(count, f"{sums['total'] / count:.4f} bits/dim so far")
+
+    count = int(sums["count"])
+    if count != num_examples:
+        raise RuntimeError(f"bpd: {count} examples evaluated, expected {num_examples}")
+    result = {
+        "total_bpd": float(sums["total"] / count),
+        "prior_bpd": float(sums["prior"] / count),
+        "decoder_bpd": float(sums["terms"][0] / count),
+        "num_examples": count,
+        "split": split,
+        "num_timesteps": num_timesteps,
+        "terms_bpd": (sums["terms"] / count).tolist(),
+        "mse": (sums["mse"] / count).tolist(),
+        "images_per_s": progress.rate(count) if count > progress.start_done else None,
+    }
+    if ctx.is_main:
+        _save(ctx.eval_dir / f"bpd_step{ctx.step}.npz", sums, settings)
+        partial_path.unlink(missing_ok=True)
+    return result
+
+
+def summary(result: dict) -> str:
+    return (
+        f"{result['total_bpd']:.4f} bits/dim on {result['num_examples']} examples of "
+        f"'{result['split']}' (prior {result['prior_bpd']:.5f}, decoder L_0 "
+        f"{result['decoder_bpd']:.4f})"
+    )

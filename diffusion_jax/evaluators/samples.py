@@ -1,0 +1,142 @@
+"""``mode=sample``: ``eval.num_samples`` samples as uint8 ``.npz`` shards, resumable.
+
+Shard ``k`` (``shard_<k>.npz``, key ``images``, uint8 ``[n, H, W, C]``) holds samples
+``k * eval.batch_size ...`` generated in one sharded call of ``generate``; a shard is written
+atomically, so a killed run keeps its finished shards and a rerun continues with the next one.
+Sample ``i``'s noise is keyed by ``i`` and ``eval.seed``, so the set is the same whatever the
+device or process count. ``meta.json`` records what the samples came from; a rerun with other
+settings stops instead of mixing two sets. Also writes a PNG grid of the first 64 samples.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from diffusion_jax import generate, reporting
+from diffusion_jax.evaluators import common
+
+SHARD_PATTERN = "shard_*.npz"
+GRID_SIZE = 64
+
+
+def sample_dir(ctx: common.Context) -> pathlib.Path:
+    """``eval.sample_dir``, or ``eval/samples_step<N>`` of the workdir."""
+    if ctx.config.eval.sample_dir:
+        return pathlib.Path(ctx.config.eval.sample_dir)
+    return ctx.eval_dir / f"samples_step{ctx.step}"
+
+
+def _meta(ctx: common.Context) -> dict:
+    cfg = ctx.config
+    return {
+        "workdir": str(ctx.workdir.absolute()),
+        "step": ctx.step,
+        "num_samples": cfg.eval.num_samples,
+        "batch_size": cfg.eval.batch_size,
+        "seed": cfg.eval.seed,
+        "sampling": {k: v for k, v in cfg.sampling.to_dict().items() if k != "num_samples"},
+    }
+
+
+def _check_meta(directory: pathlib.Path, meta: dict) -> None:
+    path = directory / "meta.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in meta if saved.get(k) != meta[k])
+    if changed:
+        raise ValueError(
+            f"{directory} holds samples made with "
+            + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+            + "; now "
+            + ", ".join(f"{k}={meta[k]!r}" for k in changed)
+            + ". Use another eval.sample_dir, or delete it to start over."
+        )
+
+
+def run(ctx: common.Context) -> dict:
+    cfg = ctx.config
+    num, batch_size = cfg.eval.num_samples, cfg.eval.batch_size
+    directory = sample_dir(ctx)
+    meta = _meta(ctx)
+    _check_meta(directory, meta)
+    if ctx.is_main:
+        common.write_json(directory / "meta.json", meta)
+    num_shards = -(-num // batch_size)
+    paths = [directory / f"shard_{k:06d}.npz" for k in range(num_shards)]
+    # Every process decides from the same files (a shared file system), so all of them take
+    # part in the same sharded calls.
+    todo = [k for k, path in enumerate(paths) if not path.exists()]
+    generate_fn = generate.make_generate_fn(
+        cfg, ctx.model, ctx.mesh, ctx.param_sharding, batch_size
+    )
+    rng = jax.random.PRNGKey(cfg.eval.seed)
+    progress = common.Progress("sample", num, "samples", done=(num_shards - len(todo)) * batch_size)
+    for k in todo:
+        count = min(batch_size, num - k * batch_size)
+        images = generate.to_host(generate_fn(ctx.params, rng, k * batch_size))[:count]
+        if ctx.is_main:
+            pixels = generate.to_uint8(images)
+            common.write_atomically(paths[k], lambda tmp, p=pixels: np.savez(tmp, images=p))
+        progress.update(min(num, (k + 1) * batch_size))
+    grid_path = ctx.eval_dir / f"samples_step{ctx.step}.png"
+    if ctx.is_main:
+        grid = load_samples(directory, limit=GRID_SIZE)
+        reporting.save_png(grid_path, grid.astype(np.float32) / 127.5 - 1.0, scale=_scale(grid))
+    generated = len(todo) * batch_size
+    return {
+        "num_samples": num,
+        "sample_dir": str(directory),
+        "num_shards": num_shards,
+        "shards_generated_now": len(todo),
+        "samples_per_s": progress.rate(progress.start_done + generated) if todo else None,
+        "grid": str(grid_path),
+        "sampling": meta["sampling"],
+    }
+
+
+def _scale(images: np.ndarray) -> int:
+    return max(1, 256 // (images.shape[1] * int(np.ceil(np.sqrt(len(images))))))
+
+
+def load_samples(directory, limit: int | None = None) -> np.ndarray:
+    """The uint8 ``[N, H, W, C]`` samples of ``directory``'s shards in order (at most
+    ``limit``). Raises ValueError for a directory without shards or with mixed image shapes."""
+    directory = pathlib.Path(directory)
+    paths = sorted(directory.glob(SHARD_PATTERN))
+    if not paths:
+        raise ValueError(f"No sample shards ({SHARD_PATTERN}) in {directory}")
+    chunks, total = [], 0
+    for path in paths:
+        try:
+            with np.load(path) as shard:
+                images = shard["images"]
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"Cannot read samples from {path}: {e}") from e
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(
+                f"{path}: 'images' must be uint8 [n, H, W, C], got {images.dtype} "
+                f"{list(images.shape)}"
+            )
+        if chunks and images.shape[1:] != chunks[0].shape[1:]:
+            raise ValueError(
+                f"{path} holds images of shape {images.shape[1:]}, others {chunks[0].shape[1:]}"
+            )
+        chunks.append(images)
+        total += len(images)
+        if limit is not None and total >= limit:
+            break
+    return np.concatenate(chunks)[:limit]
+
+
+def summary(result: dict) -> str:
+    sampling = result["sampling"]
+    steps = sampling["num_steps"] or "all"
+    return (
+        f"{result['num_samples']} samples ({sampling['method']}, {steps} steps) in "
+        f"{result['sample_dir']}; grid {result['grid']}"
+    )
