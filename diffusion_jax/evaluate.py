@@ -23,9 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import config_defaults, runtime
-
-# mode -> module of diffusion_jax.evaluators
-MODES = {"bpd": "bpd", "sample": "samples", "fid": "fid", "figures": "figures"}
+from diffusion_jax.evaluators import MODES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (with config.json).")
 _MODE = flags.DEFINE_enum("mode", None, list(MODES), "What to evaluate.")
@@ -37,41 +35,17 @@ _CONFIG = config_flags.DEFINE_config_dict(
 )
 
 
-def evaluate(workdir, mode: str, step: int | None = None, overrides: dict | None = None) -> dict:
-    """Runs ``mode`` on ``workdir``; returns its numbers (also in ``eval/<mode>_step<N>.json``,
-    with the step and the config)."""
-    import importlib
-
-    import jax
-
-    from diffusion_jax import config_lib
-    from diffusion_jax.evaluators import common
-
-    if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    evaluator = importlib.import_module(f"diffusion_jax.evaluators.{MODES[mode]}")
-    config = config_lib.load(workdir, overrides)
-    config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    context = common.restore(config, workdir, step)
-    logging.info("Evaluating step %d of %s: %s", context.step, workdir, mode)
-    result = evaluator.run(context)
-    path = common.save_result(context, mode, result)
-    if context.is_main:
-        print(f"{mode} step {context.step}: {evaluator.summary(result)} -> {path}", flush=True)
-    return result
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None or _MODE.value is None:
         raise app.UsageError("--workdir and --mode are required")
     runtime.init_runtime()
-    from diffusion_jax import checkpointing, config_lib
+    from diffusion_jax import checkpointing, config_lib, evaluators
 
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     try:
-        evaluate(_WORKDIR.value, _MODE.value, _STEP.value, overrides)
+        evaluators.evaluate(_WORKDIR.value, _MODE.value, _STEP.value, overrides)
     except (config_lib.ConfigError, checkpointing.CheckpointError, ValueError, OSError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")

@@ -42,6 +42,7 @@ def make_bound_fn(ctx: common.Context):
             mean_type=config.diffusion.mean_type,
             var_type=config.diffusion.var_type,
             clip_denoised=config.sampling.clip_denoised,
+            exact_cdf=config.eval.exact_cdf,
         )
 
     return jax.jit(bound, in_shardings=(ctx.param_sharding, batch_sharding))
@@ -56,6 +57,7 @@ def _settings(ctx, num_examples: int) -> dict:
         "batch_size": cfg.eval.batch_size,
         "seed": cfg.eval.seed,
         "clip_denoised": cfg.sampling.clip_denoised,
+        "exact_cdf": cfg.eval.exact_cdf,
     }
 
 

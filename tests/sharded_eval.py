@@ -1,0 +1,58 @@
+"""Run by tests/test_evaluate.py in a subprocess with 4 CPU devices: the same evaluation on a
+1-device and a 4-device mesh. Prints one JSON line.
+
+- ``bpd`` of the exact Gaussian denoiser over the digits test split (297 examples, batches of
+  40 or 64: the last one padded): every example's bound, per mesh and batch size;
+- ``generate`` with a tiny U-Net: the batch of every convolution in the compiled program, and
+  the samples, per mesh.
+"""
+
+import json
+import re
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+from diffusion_jax import config_lib, generate, sharding, train_step
+from diffusion_jax.evaluators import bpd
+from tests import test_evaluate
+
+
+def main():
+    assert jax.device_count() == 4, jax.devices()
+    result = {}
+    for num_devices, batch_size in ((1, 40), (4, 40), (4, 64)):
+        mesh = sharding.make_mesh(1, devices=jax.devices()[:num_devices])
+        with tempfile.TemporaryDirectory() as workdir:
+            ctx = test_evaluate.exact_gaussian_context(workdir, mesh, batch_size=batch_size)
+            total = bpd.run(ctx)["total_bpd"]
+            with np.load(ctx.eval_dir / f"bpd_step{ctx.step}.npz") as saved:
+                examples = saved["example_bpd"].tolist()
+        result[f"bpd_{num_devices}x{batch_size}"] = {"total": total, "examples": examples}
+    for num_devices in (1, 4):
+        mesh = sharding.make_mesh(1, devices=jax.devices()[:num_devices])
+
+        config = test_evaluate.tiny_config()
+        config_lib.validate(config, num_devices=num_devices)
+        model = config_lib.make_model(config, 10)
+        optimizer, _ = train_step.make_optimizer(config.optim)
+        _, shardings = train_step.state_shardings(config, model, optimizer, (8, 8, 1), mesh)
+        state = train_step.create_train_state(config, model, optimizer, (8, 8, 1), shardings)
+        generate_fn = generate.make_generate_fn(config, model, mesh, shardings.ema_params, 64)
+        rng = jax.random.PRNGKey(3)
+        hlo = generate_fn.lower(state.ema_params, rng, 0).compile().as_text()
+        conv_batches = sorted(
+            {int(b) for b in re.findall(r"= f32\[(\d+),\d+,\d+,\d+\]\{[^}]*\} convolution", hlo)}
+        )
+        samples = generate.to_host(generate_fn(state.ema_params, rng, 0))
+        result[f"generate_{num_devices}"] = {
+            "conv_batches": conv_batches,
+            "samples": samples.tolist(),
+        }
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

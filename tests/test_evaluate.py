@@ -1,0 +1,436 @@
+"""The evaluation program: the bound over a split against its closed form, sharded evaluation and
+generation equal to unsharded, resumption after SIGKILL, multi-process samples, the figures and
+one-line errors for bad input.
+
+The program runs on a tiny U-Net trained for two steps on the digits (``trained_workdir``).
+The closed-form checks evaluate the exact denoiser of a Gaussian, which stands in for the
+network in the evaluator's own ``Context``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import portpicker
+import pytest
+from PIL import Image
+
+from diffusion_jax import checkpointing, config_lib, evaluators, input_pipeline, schedules, sharding
+from diffusion_jax.evaluators import bpd, common, figures
+from tests.closed_form import expected_bound_bpd, gaussian_eps_fn
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+# Halves XLA:CPU compile time, which dominates these tiny runs.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def tiny_config(**overrides):
+    """The digits config with a one-level U-Net and T = 50."""
+    spec = importlib.util.spec_from_file_location("digits", REPO / "configs" / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    values = {
+        "model.ch": 32,
+        "model.ch_mult": (1,),
+        "model.attn_resolutions": (),
+        "model.num_res_blocks": 1,
+        "diffusion.num_timesteps": 50,
+        "training.batch_size": 16,
+        "training.num_steps": 2,
+        "training.checkpoint_every": 2,
+        "training.log_every": 1,
+        "training.sample_every": 0,
+        **overrides,
+    }
+    for key, value in values.items():
+        *groups, leaf = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[leaf] = value
+    return config
+
+
+class ExactGaussianModel:
+    """The MSE-optimal eps-predictor of N(mean, std^2) data, with a U-Net's ``apply``."""
+
+    num_classes = None
+
+    def __init__(self, alphas_cumprod, mean, std):
+        self._eps_fn = gaussian_eps_fn(alphas_cumprod, mean, std)
+
+    def apply(self, variables, x_t, t, y, train):
+        return self._eps_fn(x_t, t)
+
+
+def _test_split_pixels() -> np.ndarray:
+    source = input_pipeline.DigitsSource("test")
+    return np.stack([source[i]["image"] for i in range(len(source))])
+
+
+def exact_gaussian_context(workdir, mesh, *, batch_size: int, num_timesteps: int = 1000):
+    """An evaluation context whose model is the exact denoiser of the Gaussian with the digits
+    test split's pixel mean and std; bound without clipping and with the exact CDF."""
+    config = tiny_config(
+        **{
+            "diffusion.num_timesteps": num_timesteps,
+            "sampling.clip_denoised": False,
+            "eval.exact_cdf": True,
+            "eval.batch_size": batch_size,
+        }
+    )
+    pixels = _test_split_pixels() / 127.5 - 1
+    schedule = config_lib.make_schedule(config)
+    model = ExactGaussianModel(schedule.alphas_cumprod, pixels.mean(), pixels.std())
+    return common.Context(
+        config=config,
+        workdir=pathlib.Path(workdir),
+        step=0,
+        mesh=mesh,
+        model=model,
+        params={},
+        param_sharding={},
+        eval_dir=pathlib.Path(workdir) / "eval",
+    )
+
+
+def test_bound_over_the_test_split_matches_its_closed_form(tmp_path):
+    ctx = exact_gaussian_context(tmp_path, sharding.make_mesh(), batch_size=128)
+    result = bpd.run(ctx)
+    pixels = _test_split_pixels()
+    pmf = np.bincount(pixels.ravel(), minlength=256) / pixels.size
+    scaled = pixels / 127.5 - 1
+    betas = schedules.get_betas("linear", 1000)
+    prior, decoder, kls = expected_bound_bpd(betas, "fixed_large", pmf, scaled.mean(), scaled.std())
+    with np.load(tmp_path / "eval" / "bpd_step0.npz") as saved:
+        per_example = saved["example_bpd"]
+    assert result["num_examples"] == len(per_example) == 297 and result["split"] == "test"
+    # The data average is exact; only the noise is Monte Carlo. The spread of the per-example
+    # bounds (data and noise together) bounds its standard error from above.
+    stderr = per_example.std() / np.sqrt(len(per_example))
+    assert result["total_bpd"] == pytest.approx(prior + decoder + kls.sum(), abs=4 * stderr)
+    assert result["total_bpd"] == pytest.approx(float(per_example.mean()), rel=1e-5)
+    # L_prior has no noise; float32 round-off of 1 - abar_T ~ 4e-5 limits it to ~1e-8 bits.
+    assert result["prior_bpd"] == pytest.approx(prior, abs=1e-8)
+    assert result["decoder_bpd"] == pytest.approx(decoder, rel=0.02)
+    assert sum(result["terms_bpd"][1:]) == pytest.approx(kls.sum(), rel=0.02)
+    assert len(result["terms_bpd"]) == len(result["mse"]) == 1000
+
+
+@pytest.fixture(scope="module")
+def sharded_runs():
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
+        JAX_PLATFORMS="cpu",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.sharded_eval"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_bound_per_example_is_the_same_on_1_and_4_devices_and_any_batch(sharded_runs):
+    one = sharded_runs["bpd_1x40"]
+    assert len(one["examples"]) == 297  # 7 batches of 40 and one of 17 padded to 40
+    assert np.all(np.isfinite(one["examples"]))
+    for other in ("bpd_4x40", "bpd_4x64"):
+        np.testing.assert_allclose(sharded_runs[other]["examples"], one["examples"], rtol=1e-6)
+        assert sharded_runs[other]["total"] == pytest.approx(one["total"], rel=1e-7)
+
+
+def test_generation_is_split_over_devices_and_device_count_invariant(sharded_runs):
+    one, four = sharded_runs["generate_1"], sharded_runs["generate_4"]
+    assert one["conv_batches"] == [64]
+    assert four["conv_batches"] == [16]  # each of 4 devices computes a quarter of 64
+    np.testing.assert_allclose(four["samples"], one["samples"], atol=1e-6)
+    assert np.std(one["samples"]) > 0.1  # not a constant
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    from diffusion_jax import train
+
+    workdir = tmp_path_factory.mktemp("trained")
+    train.train_and_evaluate(tiny_config(), workdir)
+    return workdir
+
+
+def _evaluate_command(workdir, mode, *flags):
+    return [
+        sys.executable,
+        "-m",
+        "diffusion_jax.evaluate",
+        f"--workdir={workdir}",
+        f"--mode={mode}",
+        *flags,
+    ]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment: fast compilation, and one persistent compilation cache for all
+    of this module's runs (a program's second run loads it instead of compiling)."""
+    return dict(
+        os.environ,
+        XLA_FLAGS=FAST_COMPILE,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+
+
+def _run_to_end(command, env):
+    out = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _kill_when(command, condition, env):
+    """Starts ``command`` and SIGKILLs it as soon as ``condition()`` holds."""
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert process.poll() is None, f"exited before the kill: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def _copy(workdir, tmp_path, name):
+    copy = tmp_path / name
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+def test_bpd_killed_and_restarted_equals_an_uninterrupted_run(trained_workdir, tmp_path, env):
+    flags = ["--config.eval.batch_size=40"]
+    straight = _copy(trained_workdir, tmp_path, "straight")
+    _run_to_end(_evaluate_command(straight, "bpd", *flags), env)
+    resumed = _copy(trained_workdir, tmp_path, "resumed")
+    partial = resumed / "eval" / "bpd_step2.partial.npz"
+
+    def one_batch_done():
+        try:
+            with np.load(partial) as saved:
+                return int(saved["batches_done"]) >= 1
+        except (OSError, ValueError, KeyError):
+            return False
+
+    _kill_when(_evaluate_command(resumed, "bpd", *flags), one_batch_done, env)
+    with np.load(partial) as saved:
+        assert 1 <= int(saved["batches_done"]) < 8  # killed mid-run
+    _run_to_end(_evaluate_command(resumed, "bpd", *flags), env)
+    assert not partial.exists()
+    with (
+        np.load(straight / "eval" / "bpd_step2.npz") as a,
+        np.load(resumed / "eval" / "bpd_step2.npz") as b,
+    ):
+        np.testing.assert_array_equal(a["example_bpd"], b["example_bpd"])
+        np.testing.assert_array_equal(a["terms"], b["terms"])
+    numbers = [json.loads((d / "eval" / "bpd_step2.json").read_text()) for d in (straight, resumed)]
+    for key in ("total_bpd", "prior_bpd", "decoder_bpd", "num_examples", "terms_bpd"):
+        assert numbers[0][key] == numbers[1][key]
+    assert numbers[0]["num_examples"] == 297 and numbers[0]["split"] == "test"
+    assert 0 < numbers[0]["total_bpd"] < 16
+
+
+def _shards(directory):
+    shards = sorted(pathlib.Path(directory).glob("shard_*.npz"))
+    arrays = []
+    for path in shards:
+        with np.load(path) as shard:
+            arrays.append(shard["images"])
+    return [path.name for path in shards], arrays
+
+
+def test_samples_killed_and_restarted_equal_an_uninterrupted_run(trained_workdir, tmp_path, env):
+    flags = ["--config.eval.batch_size=32", "--config.eval.num_samples=150"]
+    straight = _copy(trained_workdir, tmp_path, "straight")
+    _run_to_end(_evaluate_command(straight, "sample", *flags), env)
+    resumed = _copy(trained_workdir, tmp_path, "resumed")
+    first = resumed / "eval" / "samples_step2" / "shard_000000.npz"
+    _kill_when(_evaluate_command(resumed, "sample", *flags), first.exists, env)
+    names_killed, _ = _shards(first.parent)
+    assert 1 <= len(names_killed) < 5
+    _run_to_end(_evaluate_command(resumed, "sample", *flags), env)
+    names_a, a = _shards(straight / "eval" / "samples_step2")
+    names_b, b = _shards(first.parent)
+    assert names_a == names_b == [f"shard_{k:06d}.npz" for k in range(5)]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert [len(x) for x in a] == [32, 32, 32, 32, 22]
+    assert a[0].dtype == np.uint8 and a[0].shape[1:] == (8, 8, 1)
+    grid = Image.open(straight / "eval" / "samples_step2.png")
+    assert grid.size[0] == grid.size[1] > 8 * 8  # 64 samples, upscaled
+
+
+def test_samples_are_the_same_on_2_processes_of_2_devices(trained_workdir, tmp_path, env):
+    flags = ["--config.eval.batch_size=24", "--config.eval.num_samples=40"]
+    single = _copy(trained_workdir, tmp_path, "single")
+    _run_to_end(_evaluate_command(single, "sample", *flags), env)
+    multi = _copy(trained_workdir, tmp_path, "multi")
+    env = dict(
+        env,
+        MODULE="diffusion_jax.evaluate",
+        PYTHON=sys.executable,
+        PORT=str(portpicker.pick_unused_port()),
+    )
+    out = subprocess.run(
+        [
+            "bash",
+            str(REPO / "launch" / "local.sh"),
+            "2",
+            "2",
+            "--",
+            f"--workdir={multi}",
+            "--mode=sample",
+            *flags,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    names_a, a = _shards(single / "eval" / "samples_step2")
+    names_b, b = _shards(multi / "eval" / "samples_step2")
+    assert names_a == names_b and len(names_a) == 2
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_rate_distortion_from_hand_made_terms():
+    curve = figures.rate_distortion([3.0, 0.5, 0.25], [0.0004, 0.01, 0.04], prior_bpd=0.125)
+    assert curve["reverse_steps"] == [0, 1, 2, 3]
+    np.testing.assert_allclose(curve["rate_bpd"], [0.125, 0.375, 0.875, 3.875])
+    np.testing.assert_allclose(
+        curve["distortion_rmse"], [0.2 * 127.5, 0.1 * 127.5, 0.02 * 127.5, 0.0]
+    )
+
+
+def test_figures_of_a_trained_model(trained_workdir, tmp_path):
+    workdir = _copy(trained_workdir, tmp_path, "figures")
+    result = evaluators.evaluate(workdir, "figures", overrides={"eval.batch_size": 100})
+    files = {name: pathlib.Path(path) for name, path in result["figures"].items()}
+    assert set(files) == {"progressive", "shared_latent", "interpolation", "rate_distortion"}
+    scale = 6  # 8x8 images upscaled to 48 pixels
+    cell = 9 * scale  # image plus the 1-pixel separator, upscaled
+    # Fig. 6: 8 samples x (10 records of 50 steps + the sample).
+    assert Image.open(files["progressive"]).size == (11 * cell - scale, 8 * cell - scale)
+    # Fig. 7: 2 images x 4 values of t; the image, x_t, 6 samples.
+    assert Image.open(files["shared_latent"]).size == (8 * cell - scale, 8 * cell - scale)
+    # Fig. 9: 2 pairs x 3 values of t; image a, 11 decodings, image b.
+    assert Image.open(files["interpolation"]).size == (13 * cell - scale, 6 * cell - scale)
+    curve = json.loads((files["rate_distortion"].parent / "rate_distortion.json").read_text())
+    bound = json.loads((workdir / "eval" / "bpd_step2.json").read_text())
+    rate = np.asarray(curve["rate_bpd"])
+    assert len(rate) == 51 and np.all(np.diff(rate) >= 0)  # KL terms are >= 0
+    assert rate[-1] == pytest.approx(bound["total_bpd"], rel=1e-6)
+    assert rate[0] == pytest.approx(bound["prior_bpd"], rel=1e-6)
+    assert curve["distortion_rmse"][-1] == 0.0 and curve["distortion_rmse"][0] > 30
+
+
+def test_bad_input_is_one_line_and_writes_nothing(trained_workdir, tmp_path, env):
+    workdir = _copy(trained_workdir, tmp_path, "bad")
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    with pytest.raises(
+        checkpointing.CheckpointError,
+        match=r"No checkpoint of step 7 in .*; "
+        r"available steps: 2",
+    ):
+        evaluators.evaluate(workdir, "bpd", step=7)
+    with pytest.raises(config_lib.ConfigError, match="'eval.num_samples' must be >= 1, got 0"):
+        evaluators.evaluate(workdir, "sample", overrides={"eval.num_samples": 0})
+    with pytest.raises(config_lib.ConfigError, match="No config.json in"):
+        evaluators.evaluate(tmp_path / "nowhere", "bpd")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(workdir / "config.json", empty)
+    with pytest.raises(checkpointing.CheckpointError, match="No checkpoint in .*nothing to eval"):
+        evaluators.evaluate(empty, "bpd")
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json"]
+    assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
+    # From the command line: one line on stderr, exit status 1.
+    out = subprocess.run(
+        _evaluate_command(workdir, "sample", "--step=7"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: No checkpoint of step 7")
+
+
+def test_sample_directory_of_other_settings_is_not_mixed(trained_workdir, tmp_path):
+    workdir = _copy(trained_workdir, tmp_path, "mixed")
+    overrides = {"eval.batch_size": 16, "eval.num_samples": 16}
+    evaluators.evaluate(workdir, "sample", overrides=overrides)
+    shard = workdir / "eval" / "samples_step2" / "shard_000000.npz"
+    written = shard.read_bytes()
+    with pytest.raises(
+        ValueError,
+        match=r"holds samples made with sampling=.*'method': "
+        r"'ancestral'.*delete it to start over",
+    ):
+        evaluators.evaluate(workdir, "sample", overrides={**overrides, "sampling.method": "ddim"})
+    assert shard.read_bytes() == written
+
+
+def test_eval_batches_pad_the_last_batch_and_split_rows_over_processes():
+    data = tiny_config().data
+    batches = [
+        list(
+            input_pipeline.eval_batches(
+                data, "test", global_batch_size=40, process_index=p, process_count=2
+            )
+        )
+        for p in range(2)
+    ]
+    assert len(batches[0]) == len(batches[1]) == 8
+    index = np.concatenate(
+        [np.concatenate([b0["index"], b1["index"]]) for b0, b1 in zip(*batches, strict=True)]
+    )
+    mask = np.concatenate(
+        [np.concatenate([b0["mask"], b1["mask"]]) for b0, b1 in zip(*batches, strict=True)]
+    )
+    np.testing.assert_array_equal(index, np.arange(320))
+    np.testing.assert_array_equal(mask, np.arange(320) < 297)
+    source = input_pipeline.DigitsSource("test")
+    last = batches[1][-1]  # rows 300..319 of the padded batch 280..319: all padding
+    assert not last["mask"].any()
+    first = batches[0][0]
+    expected = np.stack([source[i]["image"] for i in range(20)]).astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(first["image"], expected, atol=1e-6)
+    resumed = next(
+        input_pipeline.eval_batches(
+            data, "test", global_batch_size=40, start_batch=7, process_index=0, process_count=1
+        )
+    )
+    np.testing.assert_array_equal(resumed["index"], np.arange(280, 320))
+    assert resumed["mask"].sum() == 17
