@@ -1,0 +1,240 @@
+"""``mode=fid``: FID, Inception Score, KID and precision/recall of a sample directory.
+
+Samples (the ``sample`` mode's uint8 shards, or any directory of such shards:
+``eval.sample_dir``) and the reference split (``eval.reference_split`` of ``data.name``) go
+through the same feature network, sharded over every device of every process:
+
+  - RGB data: Inception-v3 with the 2015-12-05 FID weights (``eval.inception_weights``), pool3
+    features for FID/KID/precision/recall and its logits for the Inception Score;
+  - the embedded digits: the project's digits classifier (``digits_classifier``), trained
+    deterministically on the train split in seconds, so quality is measurable on any CPU; its
+    features and logits take the place of Inception's, and the result also holds the
+    classifier's test accuracy and the value real held-out digits get.
+
+Feature statistics accumulate in float64 per process and are merged across processes. The
+reference features are computed once and cached in ``eval.reference_dir`` under a name made of
+the data set, split, image shape and feature network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from diffusion_jax import config_lib, generate, input_pipeline, metrics, sharding
+from diffusion_jax.evaluators import common, samples
+
+DEFAULT_REFERENCE_DIR = pathlib.Path("~/.cache/diffusion_jax/reference")
+WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNetwork:
+    """``fn(params, images uint8 [B, H, W, C]) -> (features [B, D], logits [B, K])``."""
+
+    name: str
+    fn: Callable
+    params: Any
+
+
+def feature_network(ctx: common.Context) -> FeatureNetwork:
+    """The digits classifier for the digits, Inception-v3 for everything else."""
+    cfg = ctx.config
+    if cfg.data.name == "digits":
+        from diffusion_jax import digits_classifier
+
+        def digits_fn(params, images):
+            out = digits_classifier.features(params, images)
+            return out["features"], out["logits"]
+
+        params = digits_classifier.load_or_train(cache_dir=reference_dir(ctx))
+        return FeatureNetwork(f"digits-classifier-{digits_classifier.VERSION}", digits_fn, params)
+    if cfg.data.channels != 3:
+        raise config_lib.ConfigError(
+            f"mode=fid scores RGB images with Inception-v3; data.channels is {cfg.data.channels}"
+        )
+    if not cfg.eval.inception_weights:
+        raise config_lib.ConfigError(
+            "Config key 'eval.inception_weights' is empty: mode=fid needs the FID Inception "
+            f"weights, e.g. {WEIGHTS_URL} (or an .npz made from it by "
+            "`python -m diffusion_jax.inception convert IN.pth OUT.npz`)"
+        )
+    from diffusion_jax import inception
+
+    def inception_fn(params, images):
+        out = inception.features(params, images)
+        return out["pool3"], out["logits"]
+
+    params = inception.load_params(cfg.eval.inception_weights)
+    return FeatureNetwork("inception-2015-12-05", inception_fn, params)
+
+
+def reference_dir(ctx: common.Context) -> pathlib.Path:
+    return pathlib.Path(ctx.config.eval.reference_dir or DEFAULT_REFERENCE_DIR).expanduser()
+
+
+def _local_rows(ctx: common.Context, batch: np.ndarray) -> np.ndarray:
+    """This process's rows of a global batch (the split ``sharding.global_batch`` expects)."""
+    rows = len(batch) // jax.process_count()
+    return batch[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+
+
+def compute_features(ctx: common.Context, net: FeatureNetwork, batches: Iterator[dict]):
+    """Features of host-local uint8 batches ``{"image": [L, ...], "mask": [L]}``.
+
+    Returns ``(features [N, D], logits [N, K], stats)`` with the rows of all processes whose
+    mask is set, in global order, on every process; ``stats`` (float64 ``FeatureStats``) were
+    accumulated by each process over its own rows and merged across processes.
+    """
+    batch_sharding = sharding.batch_sharding(ctx.mesh)
+    replicated = sharding.replicated(ctx.mesh)
+    params = jax.device_put(net.params, replicated)
+    fn = jax.jit(net.fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
+    features, logits, stats = [], [], None
+    for batch in batches:
+        global_images = sharding.global_batch(ctx.mesh, batch["image"])
+        feats, logs = generate.to_host(fn(params, global_images))
+        mask = generate.to_host(sharding.global_batch(ctx.mesh, batch["mask"]))
+        own = _local_rows(ctx, feats)[_local_rows(ctx, mask)]
+        stats = metrics.FeatureStats.zeros(feats.shape[1]) if stats is None else stats
+        stats = stats.update(own)
+        features.append(feats[mask])
+        logits.append(logs[mask])
+    return (
+        np.concatenate(features),
+        np.concatenate(logits),
+        metrics.allgather_stats(stats),
+    )
+
+
+def _array_batches(ctx: common.Context, images: np.ndarray) -> Iterator[dict]:
+    """Host-local batches of ``eval.batch_size`` rows of ``images`` (the same on every
+    process), the last padded with zeros and masked."""
+    size = ctx.config.eval.batch_size
+    for start in range(0, len(images), size):
+        chunk = images[start : start + size]
+        mask = np.arange(size) < len(chunk)
+        padded = np.zeros((size,) + images.shape[1:], np.uint8)
+        padded[: len(chunk)] = chunk
+        yield {"image": _local_rows(ctx, padded), "mask": _local_rows(ctx, mask)}
+
+
+def _split_batches(ctx: common.Context, split: str) -> Iterator[dict]:
+    for batch in input_pipeline.eval_batches(
+        ctx.config.data, split, global_batch_size=ctx.config.eval.batch_size
+    ):
+        yield {"image": generate.to_uint8(batch["image"]), "mask": batch["mask"]}
+
+
+def reference_features(ctx: common.Context, net: FeatureNetwork, split: str):
+    """``(features, stats)`` of a data split, from the cache or computed and cached."""
+    data = ctx.config.data
+    name = "-".join(
+        [data.name.replace("/", "_"), split, "x".join(map(str, ctx.image_shape)), net.name]
+    )
+    path = reference_dir(ctx) / f"{name}.npz"
+    if path.exists():
+        with np.load(path) as cached:
+            features = cached["features"]
+        logging.info("Reference features of %s/%s from %s", data.name, split, path)
+        return features, metrics.FeatureStats.zeros(features.shape[1]).update(features)
+    logging.info("Computing reference features of %s/%s (cached in %s)", data.name, split, path)
+    features, _, stats = compute_features(ctx, net, _split_batches(ctx, split))
+    if ctx.is_main:
+        common.write_atomically(path, lambda tmp: np.savez(tmp, features=features))
+    return features, stats
+
+
+def _frechet(stats_a, stats_b) -> float:
+    return metrics.frechet_distance(*stats_a.mean_and_cov(), *stats_b.mean_and_cov())
+
+
+def _subset(features: np.ndarray, size: int, seed: int) -> np.ndarray:
+    if len(features) <= size:
+        return features
+    return features[np.random.default_rng(seed).choice(len(features), size, replace=False)]
+
+
+def run(ctx: common.Context) -> dict:
+    cfg = ctx.config
+    directory = samples.sample_dir(ctx)
+    images = samples.load_samples(directory, limit=cfg.eval.num_samples)
+    if images.shape[1:] != ctx.image_shape:
+        raise ValueError(
+            f"Samples in {directory} are {'x'.join(map(str, images.shape[1:]))} images, but "
+            f"data.image_size and data.channels of this run give "
+            f"{'x'.join(map(str, ctx.image_shape))}"
+        )
+    if len(images) < cfg.eval.num_samples:
+        logging.warning(
+            "Only %d samples in %s (eval.num_samples=%d): scoring those",
+            len(images),
+            directory,
+            cfg.eval.num_samples,
+        )
+    net = feature_network(ctx)
+    ref_split = cfg.eval.reference_split
+    ref_features, ref_stats = reference_features(ctx, net, ref_split)
+    features, logits, stats = compute_features(ctx, net, _array_batches(ctx, images))
+    pr_size = cfg.eval.precision_recall_samples
+    precision, recall = metrics.precision_recall(
+        _subset(ref_features, pr_size, cfg.eval.seed), _subset(features, pr_size, cfg.eval.seed)
+    )
+    is_mean, is_std = metrics.inception_score(logits)
+    kid_mean, kid_std = metrics.kernel_inception_distance(features, ref_features)
+    result = {
+        "fid": _frechet(stats, ref_stats),
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+        "kid": kid_mean,
+        "kid_std": kid_std,
+        "precision": precision,
+        "recall": recall,
+        "num_samples": len(images),
+        "sample_dir": str(directory),
+        "feature_network": net.name,
+        "reference": {"split": ref_split, "num_examples": len(ref_features)},
+    }
+    if cfg.data.name == "digits":
+        result.update(_digits_baselines(ctx, net, ref_stats, features))
+    return result
+
+
+def _digits_baselines(ctx, net, ref_stats, sample_features) -> dict:
+    """What real held-out digits get, for scale: the classifier's accuracy on the test split,
+    the Fréchet distance of the test split to the reference, and that of as many samples as
+    the test split has (the distance is biased upwards at small N)."""
+    from diffusion_jax import digits_classifier
+
+    test_features, _, test_stats = compute_features(ctx, net, _split_batches(ctx, "test"))
+    n = len(test_features)
+    same_n = metrics.FeatureStats.zeros(sample_features.shape[1]).update(sample_features[:n])
+    return {
+        "classifier_test_accuracy": digits_classifier.accuracy(net.params, "test"),
+        "fid_real_test": _frechet(test_stats, ref_stats),
+        "num_real_test": n,
+        "fid_samples_at_real_test_n": _frechet(same_n, ref_stats),
+    }
+
+
+def summary(result: dict) -> str:
+    text = (
+        f"FID {result['fid']:.3f}, IS {result['inception_score']:.3f}, KID "
+        f"{result['kid']:.5f}, precision {result['precision']:.3f}, recall "
+        f"{result['recall']:.3f} ({result['num_samples']} samples, {result['feature_network']})"
+    )
+    if "fid_real_test" in result:
+        text += (
+            f"; real test digits: FID {result['fid_real_test']:.3f} "
+            f"(samples at the same N: {result['fid_samples_at_real_test_n']:.3f})"
+        )
+    return text
