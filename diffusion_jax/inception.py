@@ -11,8 +11,8 @@ zero padding, the last E block (``Mixed_7c``) max-pools in its pool branch, the 
 ``params`` is ``{module path: {"w": [kh, kw, cin, cout], "b": [cout]}}`` with BatchNorm (inference
 statistics) folded into each convolution, plus ``"fc": {"w": [2048, 1008]}``; module paths are
 pytorch-fid's (``"Conv2d_1a_3x3"``, ``"Mixed_5b.branch1x1"``, ...). Activations are NHWC float32.
-Convolutions and the classifier use ``Precision.HIGHEST``: TPUs (and GPUs with TF32) otherwise
-multiply float32 in reduced precision, which moves features by more than FID comparisons allow.
+Convolutions and the classifier use ``Precision.HIGHEST``: TPUs (and GPUs, with TF32) otherwise
+multiply float32 at about 1e-3 relative precision, while published FIDs come from float32.
 """
 
 from __future__ import annotations
@@ -125,13 +125,13 @@ def _conv_table() -> dict[str, tuple[int, int, tuple[int, int], int, tuple[int, 
     return table
 
 
-CONVS = _conv_table()
+_CONVS = _conv_table()
 
 
 def state_dict_shapes() -> dict[str, tuple[int, ...]]:
     """The pytorch-fid state-dict entries the network uses, with their (PyTorch-layout) shapes."""
     shapes = {}
-    for name, (cin, cout, (kh, kw), _, _) in CONVS.items():
+    for name, (cin, cout, (kh, kw), _, _) in _CONVS.items():
         shapes[f"{name}.conv.weight"] = (cout, cin, kh, kw)
         for stat in ("weight", "bias", "running_mean", "running_var"):
             shapes[f"{name}.bn.{stat}"] = (cout,)
@@ -143,7 +143,7 @@ def state_dict_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def _conv_bn_relu(params, name, x):
-    _, _, _, stride, (ph, pw) = CONVS[name]
+    _, _, _, stride, (ph, pw) = _CONVS[name]
     y = jax.lax.conv_general_dilated(
         x,
         params[name]["w"],
@@ -225,8 +225,8 @@ def _block_e(params, p, x, *, max_pool):
     return jnp.concatenate([b1, b3, b3d, bp], axis=-1)
 
 
-# Jitted on its own so that un-jitted callers compile the network once for all input sizes (only
-# the resize depends on H, W); inside a caller's jit this is inlined.
+# Jitted apart from the preprocessing (the only part that depends on H, W), so that un-jitted
+# callers compile the network once for all input sizes; inside a caller's jit both are inlined.
 @jax.jit
 def _network(params, x):
     """``[N, 299, 299, 3]`` in [-1, 1] -> pool3 ``[N, 2048]``, unbiased logits ``[N, 1008]``."""
@@ -293,8 +293,8 @@ def features(params, images: jax.Array) -> dict[str, jax.Array]:
 
     Preprocessing is pytorch-fid's ``InceptionV3(resize_input=True, normalize_input=True)``:
     ``x / 255``, bilinear resize to 299x299 (align_corners=False), then ``2x - 1``.
-    Pure and shape-polymorphic only through static shapes: works under ``jax.jit`` with the batch
-    sharded over devices.
+    Pure: works under ``jax.jit`` (one compilation per input shape), with the batch sharded over
+    devices (no cross-example communication).
 
     Args:
       params: from ``load_params`` (or ``params_from_state_dict``).
@@ -310,9 +310,14 @@ def features(params, images: jax.Array) -> dict[str, jax.Array]:
             f"images must be uint8 (quantise samples first: uint8(clip(round(127.5 x + 127.5)))),"
             f" got {images.dtype}"
         )
-    x = jnp.asarray(images).astype(jnp.float32) / 255.0
-    x = resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
-    return _network(params, 2.0 * x - 1.0)
+    return _network(params, _preprocess(images))
+
+
+@jax.jit
+def _preprocess(images):
+    """uint8 ``[N, H, W, 3]`` -> ``[N, 299, 299, 3]`` in [-1, 1], in pytorch-fid's order."""
+    x = resize_bilinear(images.astype(jnp.float32) / 255.0, (INPUT_SIZE, INPUT_SIZE))
+    return 2.0 * x - 1.0
 
 
 # --- Weights. ---
@@ -323,7 +328,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
-def read_state_dict(path) -> Mapping:
+def _read_state_dict(path) -> Mapping:
     """The raw state dict in a pytorch-fid ``.pth`` or a converted ``.npz`` (by extension)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -353,7 +358,7 @@ def read_state_dict(path) -> Mapping:
     return state
 
 
-def checked_arrays(state: Mapping, source: str = "state dict") -> dict[str, np.ndarray]:
+def _checked_arrays(state: Mapping, source: str = "state dict") -> dict[str, np.ndarray]:
     """The entries the network uses, as float32 NumPy arrays, after checking names and shapes.
 
     Raises:
@@ -387,9 +392,9 @@ def params_from_state_dict(state: Mapping, source: str = "state dict"):
     BatchNorm is folded into the preceding convolution in float64:
     ``w * gamma / sqrt(var + eps)`` and ``beta - mean * gamma / sqrt(var + eps)``.
     """
-    a = {k: v.astype(np.float64) for k, v in checked_arrays(state, source).items()}
+    a = {k: v.astype(np.float64) for k, v in _checked_arrays(state, source).items()}
     params = {}
-    for name in CONVS:
+    for name in _CONVS:
         scale = a[f"{name}.bn.weight"] / np.sqrt(a[f"{name}.bn.running_var"] + BN_EPS)
         w = a[f"{name}.conv.weight"] * scale[:, None, None, None]  # [cout, cin, kh, kw]
         b = a[f"{name}.bn.bias"] - a[f"{name}.bn.running_mean"] * scale
@@ -406,14 +411,14 @@ def load_params(path):
       CheckpointError: not a checkpoint, or not this network's (names the key and shapes).
       ImportError: a ``.pth`` and torch is not installed.
     """
-    return params_from_state_dict(read_state_dict(path), source=os.fspath(path))
+    return params_from_state_dict(_read_state_dict(path), source=os.fspath(path))
 
 
 def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     """Random weights in pytorch-fid's layout, for tests and benchmarks (no real weights needed).
 
-    He-normal convolutions and random BatchNorm statistics, so activations keep their scale
-    through the network and depend on the input.
+    He-normal convolutions (activations keep their scale through the network) and BatchNorm
+    affine parameters and statistics drawn around their neutral values.
     """
     rng = np.random.default_rng(seed)
     state = {}
@@ -443,7 +448,7 @@ def main(argv=None) -> None:
     if not args.dst.endswith(".npz"):
         parser.error(f"output must end in .npz, got {args.dst!r}")
     try:
-        arrays = checked_arrays(read_state_dict(args.src), source=args.src)
+        arrays = _checked_arrays(_read_state_dict(args.src), source=args.src)
     except (WeightsNotFoundError, CheckpointError, ImportError) as e:
         parser.exit(1, f"error: {e}\n")
     np.savez(args.dst, **arrays)

@@ -77,11 +77,16 @@ def test_resize_does_not_antialias():
 
 def test_features_shapes_dtypes_for_two_sizes(random_npz):
     params = inception.load_params(random_npz)
-    outs = [inception.features(params, _images(s)) for s in [(2, 32, 32, 3), (1, 45, 300, 3)]]
-    for out, n in zip(outs, (2, 1), strict=True):
+    shapes = [(2, 32, 32, 3), (1, 45, 300, 3)]
+    outs = [inception.features(params, _images(s)) for s in shapes]  # one network compilation
+    for out, (n, *_) in zip(outs, shapes, strict=True):
         assert out["pool3"].shape == (n, 2048) and out["logits"].shape == (n, 1008)
         for v in out.values():
             assert v.dtype == np.float32 and np.all(np.isfinite(v))
+    traced = jax.eval_shape(inception.features, params, _images(shapes[1]))  # what jit sees
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), traced) == {
+        k: (v.shape, v.dtype) for k, v in outs[1].items()
+    }
     pool3 = np.asarray(outs[0]["pool3"])
     assert np.ptp(pool3, axis=0).max() > 0.02 * np.abs(pool3).max()  # depends on the image
 
