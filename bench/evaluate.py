@@ -125,7 +125,7 @@ def bench_bpd(args, forward_s):
 def bench_inception(args):
     from diffusion_jax import inception
 
-    params = inception.random_params(jax.random.PRNGKey(0))
+    params = inception.params_from_state_dict(inception.random_state_dict(0))
     images = np.random.default_rng(0).integers(0, 256, (args.inception_batch, 32, 32, 3), np.uint8)
     fn = jax.jit(inception.features)
     compiled, compile_s = time_compile(fn, params, images)

@@ -1,7 +1,8 @@
 """The quick-start: DDPM on the 8x8 handwritten digits that ship with scikit-learn.
 
 Trains on a 2-core CPU in about 4 minutes: a small U-Net (ch 32, 8x8 -> 4x4), T=200 linear
-steps, batch 128, on the 1797 images at their native 8x8 grayscale.
+steps, batch 128, on the 1500 training images at their native 8x8 grayscale (the other 297
+are the held-out test split).
 """
 
 from diffusion_jax import config_defaults
@@ -28,4 +29,8 @@ def get_config():
     config.training.checkpoint_every = 1000
     config.training.sample_every = 1000
     config.sampling.num_samples = 64
+    # Evaluation: bpd on the 297 held-out test digits; 1000 samples scored by the digits
+    # classifier's Fréchet distance against the train split.
+    config.eval.num_samples = 1000
+    config.eval.batch_size = 500
     return config

@@ -46,7 +46,13 @@ def main(argv):
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     try:
         evaluators.evaluate(_WORKDIR.value, _MODE.value, _STEP.value, overrides)
-    except (config_lib.ConfigError, checkpointing.CheckpointError, ValueError, OSError) as e:
+    except (
+        config_lib.ConfigError,
+        checkpointing.CheckpointError,
+        ValueError,
+        OSError,
+        ImportError,
+    ) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
 

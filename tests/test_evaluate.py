@@ -434,3 +434,103 @@ def test_eval_batches_pad_the_last_batch_and_split_rows_over_processes():
     )
     np.testing.assert_array_equal(resumed["index"], np.arange(280, 320))
     assert resumed["mask"].sum() == 17
+
+
+@pytest.fixture(scope="module")
+def cifar_workdir(tmp_path_factory):
+    """A tiny 32x32 RGB model trained for one step on mocked CIFAR-10, 6 samples of it, and
+    random FID Inception weights (no real ones can be downloaded here)."""
+    import tensorflow_datasets as tfds
+
+    from diffusion_jax import inception, train
+
+    root = tmp_path_factory.mktemp("cifar")
+    weights = root / "inception.npz"
+    np.savez(weights, **inception.random_state_dict(0))
+    config = tiny_config(
+        **{
+            "data.name": "cifar10",
+            "data.image_size": 32,
+            "data.channels": 3,
+            "training.batch_size": 2,
+            "training.num_steps": 1,
+            "training.checkpoint_every": 1,
+            "diffusion.num_timesteps": 20,
+        }
+    )
+    overrides = {
+        "eval.num_samples": 6,
+        "eval.batch_size": 4,
+        "eval.inception_weights": str(weights),
+        "eval.reference_dir": str(root / "reference"),
+    }
+    with tfds.testing.mock_data(num_examples=10):
+        train.train_and_evaluate(config, root / "run")
+        evaluators.evaluate(root / "run", "sample", overrides=overrides)
+    return root / "run", overrides, weights
+
+
+def _direct_inception(weights, images):
+    from diffusion_jax import inception
+
+    out = inception.features(inception.load_params(weights), images)
+    return np.asarray(out["pool3"], np.float64), np.asarray(out["logits"], np.float64)
+
+
+def test_fid_mode_equals_a_direct_computation_and_caches_the_reference(cifar_workdir):
+    import tensorflow_datasets as tfds
+
+    from diffusion_jax import metrics
+
+    workdir, overrides, weights = cifar_workdir
+    with tfds.testing.mock_data(num_examples=10):
+        result = evaluators.evaluate(workdir, "fid", overrides=overrides)
+        source = tfds.data_source("cifar10", split="train")
+        reference = np.stack([source[i]["image"] for i in range(len(source))])
+    samples_dir = workdir / "eval" / "samples_step1"
+    generated = np.concatenate([np.load(p)["images"] for p in sorted(samples_dir.glob("*.npz"))])
+    assert generated.shape == (6, 32, 32, 3) and len(reference) == 10
+    # Independently of the program's batching, padding, sharding and caching: features of all
+    # images in one call, float64 moments by NumPy.
+    f_gen, logits = _direct_inception(weights, generated)
+    f_ref, _ = _direct_inception(weights, reference)
+    direct = metrics.frechet_distance(
+        f_gen.mean(0), np.cov(f_gen, rowvar=False), f_ref.mean(0), np.cov(f_ref, rowvar=False)
+    )
+    assert result["fid"] == pytest.approx(direct, rel=1e-3)
+    assert result["inception_score"] == pytest.approx(metrics.inception_score(logits)[0], rel=1e-4)
+    assert result["num_samples"] == 6 and result["reference"]["num_examples"] == 10
+    assert result["feature_network"] == "inception-2015-12-05"
+    for key in ("kid", "precision", "recall"):
+        assert np.isfinite(result[key])
+    cached = list(pathlib.Path(overrides["eval.reference_dir"]).glob("*.npz"))
+    assert [p.name for p in cached] == ["cifar10-train-32x32x3-inception-2015-12-05.npz"]
+    np.testing.assert_allclose(np.load(cached[0])["features"], f_ref, rtol=1e-4, atol=1e-5)
+    # A second run reads the cache (the mocked data set is gone) and gives the same numbers.
+    again = evaluators.evaluate(workdir, "fid", overrides=overrides)
+    assert again["fid"] == result["fid"] and again["kid"] == result["kid"]
+
+
+def test_fid_bad_input_is_one_line_and_loses_nothing(cifar_workdir, tmp_path):
+    from diffusion_jax import inception
+
+    workdir, overrides, _ = cifar_workdir
+    samples_dir = workdir / "eval" / "samples_step1"
+    before = {p: p.read_bytes() for p in samples_dir.iterdir()}
+    with pytest.raises(config_lib.ConfigError, match="'eval.inception_weights' is empty"):
+        evaluators.evaluate(workdir, "fid", overrides={**overrides, "eval.inception_weights": ""})
+    missing = {**overrides, "eval.inception_weights": str(tmp_path / "nope.npz")}
+    with pytest.raises(inception.WeightsNotFoundError, match="pt_inception-2015-12-05"):
+        evaluators.evaluate(workdir, "fid", overrides=missing)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file")
+    with pytest.raises(inception.CheckpointError, match="not a readable .npz"):
+        evaluators.evaluate(
+            workdir, "fid", overrides={**overrides, "eval.inception_weights": str(garbage)}
+        )
+    wrong = tmp_path / "wrong_size"
+    wrong.mkdir()
+    np.savez(wrong / "shard_000000.npz", images=np.zeros((4, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"are 16x16x3 images, but .* give 32x32x3"):
+        evaluators.evaluate(workdir, "fid", overrides={**overrides, "eval.sample_dir": str(wrong)})
+    assert {p: p.read_bytes() for p in samples_dir.iterdir()} == before
