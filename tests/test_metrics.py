@@ -224,6 +224,24 @@ def test_precision_recall_matches_brute_force(k):
     assert metrics.precision_recall(real, fake, k=k, batch_size=32) == expected
 
 
+def test_precision_recall_hand_made_sets():
+    # Two real clusters of 3 points 1 apart (k=1 radii: 1), mean at the origin. Small integers
+    # (and 2.5): the distances are exact even in float32, so the boundary cases are exact.
+    real = np.array([[-10, -1], [-10, 0], [-10, 1], [10, -1], [10, 0], [10, 1]], np.float32)
+    fake = np.array(
+        [
+            [0, 0],  # between the clusters: outside (and where padded blocks would sit)
+            [-10, 2],  # on the boundary of the ball of (-10, 1): inside
+            [10, -2.5],  # 1.5 from (10, -1): outside
+            [11, 0],  # on the boundary of the ball of (10, 0): inside
+        ],
+        np.float32,
+    )
+    # Fake k=1 radii: sqrt(104) for the first two, sqrt(7.25) for the others; the ball of the
+    # origin covers all real points (the farthest is sqrt(101) away).
+    assert metrics.precision_recall(real, fake, k=1, batch_size=4) == (0.5, 1.0)
+
+
 def test_precision_recall_of_identical_and_of_disjoint_sets():
     real = np.random.default_rng(10).normal(size=(100, 2))
     assert metrics.precision_recall(real, real.copy()) == (1.0, 1.0)
