@@ -121,7 +121,7 @@ def kernel_inception_distance(
     Returns:
       ``(mean, std)`` of MMD^2, in the kernel's units (dimensionless).
     """
-    x, y = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    x, y = np.asarray(feats1), np.asarray(feats2)  # float64 subsets only: no full copies
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
         raise ValueError(
             f"kernel_inception_distance needs features [n1, D] and [n2, D] with n >= 2, "
@@ -131,8 +131,8 @@ def kernel_inception_distance(
     rng = np.random.default_rng(seed)
     mmds = []
     for _ in range(num_subsets):
-        xs = x[rng.choice(len(x), m, replace=False)]
-        ys = y[rng.choice(len(y), m, replace=False)]
+        xs = x[rng.choice(len(x), m, replace=False)].astype(np.float64)
+        ys = y[rng.choice(len(y), m, replace=False)].astype(np.float64)
         mmds.append(_polynomial_mmd2(xs, ys))
     return float(np.mean(mmds)), float(np.std(mmds))
 
@@ -193,16 +193,15 @@ def precision_recall(real_feats, fake_feats, *, k: int = 3, batch_size: int = 10
     Returns:
       ``(precision, recall)`` in [0, 1].
     """
-    real = np.asarray(real_feats, np.float64)
-    fake = np.asarray(fake_feats, np.float64)
+    real, fake = np.asarray(real_feats), np.asarray(fake_feats)
     if real.ndim != 2 or fake.shape[1:] != real.shape[1:] or min(len(real), len(fake)) <= k:
         raise ValueError(
             f"precision_recall needs features [n_real, D] and [n_fake, D] with n > k={k}, "
             f"got {real.shape} and {fake.shape}"
         )
-    center = real.mean(axis=0)
-    real = (real - center).astype(np.float32)
-    fake = (fake - center).astype(np.float32)
+    center = real.mean(axis=0, dtype=np.float64).astype(np.float32)
+    real = real.astype(np.float32) - center
+    fake = fake.astype(np.float32) - center
     real_dev, fake_dev = jnp.asarray(real), jnp.asarray(fake)
 
     def radii2(x, x_dev):
