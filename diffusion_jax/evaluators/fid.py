@@ -57,7 +57,8 @@ def feature_network(ctx: common.Context) -> FeatureNetwork:
             return out["features"], out["logits"]
 
         params = digits_classifier.load_or_train(cache_dir=reference_dir(ctx))
-        return FeatureNetwork(f"digits-classifier-{digits_classifier.VERSION}", digits_fn, params)
+        name = f"digits-classifier-{digits_classifier.recipe_key()}"
+        return FeatureNetwork(name, digits_fn, params)
     if cfg.data.channels != 3:
         raise config_lib.ConfigError(
             f"mode=fid scores RGB images with Inception-v3; data.channels is {cfg.data.channels}"
@@ -189,7 +190,8 @@ def run(ctx: common.Context) -> dict:
     precision, recall = metrics.precision_recall(
         _subset(ref_features, pr_size, cfg.eval.seed), _subset(features, pr_size, cfg.eval.seed)
     )
-    is_mean, is_std = metrics.inception_score(logits)
+    # The standard 10 splits (Salimans et al. 2016); fewer for fewer than 10 samples.
+    is_mean, is_std = metrics.inception_score(logits, num_splits=min(10, len(logits)))
     kid_mean, kid_std = metrics.kernel_inception_distance(features, ref_features)
     result = {
         "fid": _frechet(stats, ref_stats),
