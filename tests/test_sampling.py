@@ -35,6 +35,21 @@ def test_ancestral_sampler_matches_exact_gaussian_moments(var_type):
     assert np.sqrt(v) == pytest.approx(DATA_STD, abs=0.02)
 
 
+@pytest.mark.parametrize("name", ["jsd", "cosine"])
+def test_schedules_that_end_at_beta_one_sample_finite_values(name):
+    """Unclipped, abar_T = 0 and the first x0 prediction divides by sqrt(abar_T) = 0."""
+    betas = schedules.get_betas(name, 20)
+    sched = Schedule.from_betas(betas)
+    eps_fn = gaussian_eps_fn(sched.alphas_cumprod, DATA_MEAN, DATA_STD)
+    x = np.asarray(sampling.sample(eps_fn, sched, (N, 4), jax.random.PRNGKey(12)))
+    assert np.all(np.isfinite(x))
+    unclipped = np.asarray(
+        sampling.sample(eps_fn, sched, (N, 4), jax.random.PRNGKey(12), clip_denoised=False)
+    )
+    m, v = ancestral_moments(betas, DATA_MEAN, DATA_STD, var_type="fixed_large")
+    _assert_moments(unclipped, m, v)
+
+
 def test_sampler_is_deterministic_and_key_dependent():
     f = functools.partial(sampling.sample, EPS_FN, SCHED, (8, 2))
     a, b, c = f(jax.random.PRNGKey(1)), f(jax.random.PRNGKey(1)), f(jax.random.PRNGKey(2))

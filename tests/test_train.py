@@ -411,6 +411,10 @@ def _replace_group(config, group, **values):
             "'diffusion.schedule' ('linear') and 'diffusion.num_timesteps' (10) give no valid",
         ),
         (
+            _tiny(**{"diffusion.schedule": "linear", "diffusion.num_timesteps": 20}),
+            "(20) give no valid schedule: linear schedule: beta_start=0.005, beta_end=1.0 ",
+        ),
+        (
             _tiny(**{"model.ch": 16}),
             "'model.num_groups' (32) must divide the channels of every level",
         ),
@@ -525,7 +529,7 @@ def test_cifar10_config_full_network_on_mock_data(tmp_path):
 
 
 def test_importance_sampled_timesteps(tmp_path):
-    """Hybrid loss with importance-sampled t on the digits. T=4 (cosine; linear needs T >= 20)
+    """Hybrid loss with importance-sampled t on the digits. T=4 (cosine; linear needs T >= 21)
     and 16 examples a step fill the 10-loss history of every t within the first steps, so the
     last step samples t from it."""
     num_steps = 6
