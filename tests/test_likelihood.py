@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffusion_jax import losses, schedules
+from diffusion_jax import losses, sampling, schedules
 from diffusion_jax.schedules import Schedule
 from tests.closed_form import gaussian_eps_fn
 
@@ -128,6 +128,49 @@ def test_bound_with_clipping_and_tanh_cdf_is_close_and_finite():
     assert bool(jnp.all(jnp.isfinite(clipped["total_bpd"])))
     assert float(clipped["total_bpd"].mean()) == pytest.approx(
         float(plain["total_bpd"].mean()), abs=0.05
+    )
+
+
+@pytest.mark.parametrize("var_type", ["fixed_large", "fixed_small"])
+def test_one_step_process_by_hand(var_type):
+    """T = 1, beta = 0.36: sqrt(abar) = 0.8, sqrt(1 - abar) = 0.6. The only step is the decoder
+    (coef1 = 1, coef2 = 0) with variance beta_0 for both fixed variances (beta~_1 does not
+    exist), and sampling is one deterministic step from x_0' ~ N(0, 1)."""
+    sched = Schedule.from_betas(np.array([0.36]))
+    # Sampling with the Gaussian denoiser returns E[x0 | x_1 = x] = m + 0.8 S^2 (x - 0.8 m) /
+    # (0.64 S^2 + 0.36).
+    x_start = jnp.array([[-1.5, 0.0, 0.7, 2.0]])
+    x = sampling.sample(
+        gaussian_eps_fn(sched.alphas_cumprod, M, S),
+        sched,
+        x_start.shape,
+        jax.random.PRNGKey(0),
+        var_type=var_type,
+        clip_denoised=False,
+        x_start=x_start,
+    )
+    expected = M + 0.8 * S**2 * (np.asarray(x_start) - 0.8 * M) / (0.64 * S**2 + 0.36)
+    np.testing.assert_allclose(x, expected, rtol=1e-6)
+
+    # Bound with a denoiser that knows x0: the decoder is N(x0, 0.36) on x0's bin, the prior
+    # KL(N(0.8 x0, 0.36) || N(0, 1)) per dimension.
+    x0 = jnp.array([[-1.0, 2 * 100 / 255 - 1, 2 * 128 / 255 - 1, 1.0]])
+    out = losses.bits_per_dim(
+        lambda x_t, t: (x_t - 0.8 * x0) / 0.6,
+        sched,
+        x0,
+        jax.random.PRNGKey(1),
+        mean_type="eps",
+        var_type=var_type,
+        exact_cdf=True,
+    )
+    half_bin = stats.norm.cdf(1 / 255 / 0.6) - 0.5
+    decoder = -np.log([0.5 + half_bin, 2 * half_bin, 2 * half_bin, 0.5 + half_bin])
+    prior = 0.5 * (-1 - math.log(0.36) + 0.36 + 0.64 * np.asarray(x0[0]) ** 2)
+    assert float(out["terms_bpd"][0, 0]) == pytest.approx(decoder.mean() / math.log(2), rel=1e-5)
+    assert float(out["prior_bpd"][0]) == pytest.approx(prior.mean() / math.log(2), rel=1e-5)
+    assert float(out["total_bpd"][0]) == pytest.approx(
+        (decoder + prior).mean() / math.log(2), rel=1e-5
     )
 
 
