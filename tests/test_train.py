@@ -1,5 +1,6 @@
-"""Tests of the training program: exact resume after SIGKILL, SIGTERM, interrupted and corrupt
-checkpoints, non-finite loss, config errors, the CIFAR-10 configs and gradient accumulation.
+"""Tests of the training program: exact resume after SIGKILL, SIGTERM and SIGINT, interrupted and
+corrupt checkpoints, non-finite loss, config errors, the CIFAR-10 configs and gradient
+accumulation.
 
 Most runs use a tiny network on the digits (``_TINY``), in-process where possible; the signal
 and exit-code checks run ``python -m diffusion_jax.train`` as a subprocess. Compiled programs
@@ -258,7 +259,11 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
         assert json.loads(data) == positions[step]
 
 
-def test_sigterm_saves_and_exits_zero_then_resumes(cache_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_stop_signal_saves_and_exits_zero_then_resumes(
+    stop_signal, cache_dir, tmp_path, monkeypatch
+):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) both save the step reached and exit 0."""
     workdir, log = tmp_path / "run", tmp_path / "run.log"
     num_steps = 100000
     process = _start(
@@ -270,14 +275,16 @@ def test_sigterm_saves_and_exits_zero_then_resumes(cache_dir, tmp_path, monkeypa
     )
     try:
         _wait_for(lambda: "step 1/" in log.read_text(), process, log, "the first step")
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop_signal)
         process.wait(timeout=_SUBPROCESS_TIMEOUT_S)
     finally:
         process.kill()
     assert process.returncode == 0, log.read_text()
     [stopped_at] = _steps(workdir)
     assert 1 <= stopped_at < num_steps
-    assert f"saved step {stopped_at}, exiting" in log.read_text()
+    assert f"Stop requested ({stop_signal.name}): saved step {stopped_at}, exiting" in (
+        log.read_text()
+    )
 
     def fail(*args, **kwargs):
         raise AssertionError("initialised a fresh train state instead of resuming")
