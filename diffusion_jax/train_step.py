@@ -35,8 +35,8 @@ class TrainState:
 
 
 def make_optimizer(optim_config):
-    """``(optimizer, learning_rate_schedule)``: global-norm clipping, then Adam with a linear
-    warmup to a constant learning rate."""
+    """``(optimizer, learning_rate_schedule)``: global-norm clipping (none when
+    ``grad_clip_norm`` is 0), then Adam with a linear warmup to a constant learning rate."""
     warmup = optim_config.warmup_steps
     lr = (
         optax.join_schedules(
@@ -49,8 +49,9 @@ def make_optimizer(optim_config):
         if warmup
         else optax.constant_schedule(optim_config.learning_rate)
     )
+    clip = optim_config.grad_clip_norm
     return optax.chain(
-        optax.clip_by_global_norm(optim_config.grad_clip_norm),
+        optax.clip_by_global_norm(clip) if clip else optax.identity(),
         optax.scale_by_adam(b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps),
         optax.scale_by_learning_rate(lr),
     ), lr

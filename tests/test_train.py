@@ -22,6 +22,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
@@ -427,6 +428,23 @@ def _replace_group(config, group, **values):
         ),
         (_tiny(**{"model.dropout": 1.0}), "'model.dropout' must lie in [0, 1), got 1.0"),
         (_tiny(**{"model.dropout": -0.1}), "'model.dropout' must lie in [0, 1), got -0.1"),
+        (_tiny(**{"optim.beta1": 1.0}), "'optim.beta1' must lie in [0, 1), got 1.0"),
+        (_tiny(**{"optim.beta1": -0.1}), "'optim.beta1' must lie in [0, 1), got -0.1"),
+        (_tiny(**{"optim.beta2": 1.0}), "'optim.beta2' must lie in [0, 1), got 1.0"),
+        (_tiny(**{"optim.eps": 0.0}), "'optim.eps' must be > 0, got 0.0"),
+        (_tiny(**{"optim.grad_clip_norm": -1.0}), "'optim.grad_clip_norm' must be >= 0, got -1.0"),
+        (_tiny(**{"optim.learning_rate": 0.0}), "'optim.learning_rate' must be > 0, got 0.0"),
+        (
+            _tiny(**{"diffusion.vlb_weight": -0.001}),
+            "'diffusion.vlb_weight' must be >= 0, got -0.001",
+        ),
+        (
+            _tiny(**{"diffusion.min_snr_gamma": 0.0}),
+            "'diffusion.min_snr_gamma' must be > 0, got 0.0",
+        ),
+        (_tiny(**{"diffusion.p2_k": 0.0}), "'diffusion.p2_k' must be > 0, got 0.0"),
+        (_tiny(**{"diffusion.p2_gamma": -0.5}), "'diffusion.p2_gamma' must be >= 0, got -0.5"),
+        (_tiny(**{"diffusion.p2_k": float("nan")}), "'diffusion.p2_k' must be > 0, got nan"),
         (
             _tiny(**{"model.ch_mult": (1, 2, 2, 2, 2)}),
             "'data.image_size' (8) must be divisible by 2**(len(model.ch_mult) - 1) = 16",
@@ -435,9 +453,25 @@ def _replace_group(config, group, **values):
 )
 def test_bad_config_fails_before_anything_is_built(config, message, tmp_path, nothing_built):
     workdir = tmp_path / "run"
-    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)) as error:
         train.train_and_evaluate(config, workdir)
+    assert "\n" not in str(error.value)
     assert not workdir.exists()
+
+
+def test_grad_clip_norm_zero_means_no_clipping():
+    """Two Adam steps with gradients of norm 5 and 500: clipping at 1 would make them equal."""
+    config = _tiny(**{"optim.grad_clip_norm": 0.0, "optim.warmup_steps": 0})
+    config_lib.validate(config)
+    optimizer, _ = train_step.make_optimizer(config.optim)
+    adam = optax.adam(config.optim.learning_rate, config.optim.beta1, config.optim.beta2)
+    params = {"w": np.zeros(2, np.float32)}
+    state, adam_state = optimizer.init(params), adam.init(params)
+    for grad in ([3.0, 4.0], [300.0, -400.0]):
+        grads = {"w": np.asarray(grad, np.float32)}
+        updates, state = optimizer.update(grads, state, params)
+        expected, adam_state = adam.update(grads, adam_state, params)
+        np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
 
 
 def test_batch_not_divisible_by_devices():
