@@ -6,7 +6,7 @@ timestep of the *original* process, ``schedule.timestep_map[t]``, so a network t
 steps samples a respaced schedule (``schedules.respace``) unchanged. ``model_fn`` is a static
 argument: it must be hashable, and a new function object means a new compilation. To sample
 with changing parameters without recompiling, call the sampler inside your own ``jax.jit``
-that takes the parameters as an argument (see ``diffusion_jax.train``).
+that takes the parameters as an argument, as the README's library example does.
 
 Methods:
   - ``ancestral``: ``x_{t-1} ~ p(x_{t-1} | x_t)`` (DDPM Algorithm 2), no noise at the last step;
