@@ -156,7 +156,8 @@ def sample(
       model_fn: ``(x_t [B, ...], t [B]) -> output`` (see the module docstring).
       schedule: the process to reverse (full or respaced).
       shape: ``(B, H, W, C)`` of the samples.
-      rng: PRNG key. Step t uses ``fold_in(rng_chain, t)``; the starting noise its own key.
+      rng: PRNG key. With ``(start_key, chain_key) = split(rng)``, the starting noise comes
+        from ``start_key`` and step t's noise from ``fold_in(chain_key, t)``.
       mean_type, var_type: the network's parameterisation (``diffusion`` module).
       clip_denoised: clip the predicted x0 to [-1, 1] at each step.
       method: ``ancestral`` or ``ddim``; eta: DDIM's noise scale (0 = deterministic).
@@ -228,6 +229,11 @@ def interpolate(
     ``(1 - lam) x_t^a + lam x_t^b`` and decoded by the reverse chain. The reverse noise is the
     same for every ``lam``, so the decodings differ only through the latent.
 
+    Keys: with ``(key_a, key_b, sample_key) = split(rng, 3)``,
+    ``x_t^a = q_sample(x0_a, t, normal(key_a))`` (``x_t^b`` likewise) and the reverse chain
+    draws the noise ``sample`` draws with ``sample_key``: ``lam = 0`` decodes exactly
+    ``sample(model_fn, schedule, x0_a.shape, sample_key, x_start=x_t^a, start_step=t)``.
+
     Args:
       x0_a, x0_b: ``[B, ...]`` images in [-1, 1]; lambdas: ``[L]`` mixing weights in [0, 1].
 
@@ -237,7 +243,8 @@ def interpolate(
     _check_sampler_options(schedule, start_step, method, mean_type, var_type, eta)
     if x0_a.shape != x0_b.shape:
         raise ValueError(f"x0_a {x0_a.shape} and x0_b {x0_b.shape} must have the same shape")
-    key_a, key_b, chain_key = jax.random.split(rng, 3)
+    key_a, key_b, sample_key = jax.random.split(rng, 3)
+    _, chain_key = jax.random.split(sample_key)  # as in sample()
     t_batch = jnp.full((x0_a.shape[0],), start_step, dtype=jnp.int32)
     x_t_a = diffusion.q_sample(schedule, x0_a, t_batch, jax.random.normal(key_a, x0_a.shape))
     x_t_b = diffusion.q_sample(schedule, x0_b, t_batch, jax.random.normal(key_b, x0_b.shape))
