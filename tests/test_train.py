@@ -20,6 +20,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -28,7 +29,15 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache
 
-from diffusion_jax import checkpointing, config_lib, input_pipeline, train, train_step
+from diffusion_jax import (
+    checkpointing,
+    config_lib,
+    input_pipeline,
+    losses,
+    sharding,
+    train,
+    train_step,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -591,6 +600,54 @@ def test_importance_sampled_timesteps(tmp_path):
     np.testing.assert_array_equal(before_last["loss_history"]["counts"], 10)
     last, _ = _read_checkpoint(tmp_path, num_steps)
     assert np.all(np.isfinite(last["loss_history"]["history"]))
+
+
+def test_importance_sampling_draws_t_from_the_history_and_weights_the_loss():
+    """One train step from a warmed-up hand-made history over T = 4 whose losses have root mean
+    square 1 at t = 1 and 2 at t = 3, 0 elsewhere: p(t) = 0.999 (0, 1/3, 0, 2/3) + 0.001 / 4.
+    With T = 4 the metrics' loss quarters are single timesteps: they count each t's draws
+    and sum its examples' losses T L_t, so the objective must be their sum weighted by
+    1 / (T p(t)) (0.75 at t = 1, 0.375 at t = 3)."""
+    T, batch = 4, 128
+    config = _tiny(
+        **{
+            "diffusion.schedule": "cosine",
+            "diffusion.num_timesteps": T,
+            "diffusion.loss_type": "vlb",
+            "diffusion.timestep_sampling": "importance",
+            "training.batch_size": batch,
+        }
+    )
+    config_lib.validate(config)
+    model, schedule = config_lib.make_model(config), config_lib.make_schedule(config)
+    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+    mesh, image_shape = sharding.make_mesh(1), (8, 8, 1)
+    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+    state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+    rms = np.array([0.0, 1.0, 0.0, 2.0], np.float32)
+    state = state.replace(
+        loss_history=losses.LossHistory(
+            history=jnp.asarray(np.repeat(rms[:, None], 10, axis=1)),
+            counts=jnp.full((T,), 10, jnp.int32),
+        )
+    )
+    step_fn = train_step.make_train_step(
+        config, model, schedule, optimizer, lr_schedule, mesh, shardings
+    )
+    images = np.round(np.random.default_rng(0).uniform(0, 255, (batch, *image_shape))) / 127.5 - 1
+    inputs = {"image": images.astype(np.float32), "label": np.zeros(batch, np.int32)}
+    _, metrics = step_fn(state, sharding.global_batch(mesh, inputs))
+    metrics = jax.device_get(metrics)
+
+    counts = np.array([metrics[f"loss_q{t}_count"] for t in range(T)])
+    sums = np.array([metrics[f"loss_q{t}_sum"] for t in range(T)])
+    p = 0.999 * rms / rms.sum() + 0.001 / T
+    assert counts.sum() == batch
+    # 0.06 draws expected at t = 0 and 2 together (uniform t would give 64); t = 1 is binomial
+    # with mean 42.7 and standard deviation 5.3: within 4 of them.
+    assert counts[0] + counts[2] <= 1
+    assert abs(counts[1] - batch * p[1]) <= 4 * np.sqrt(batch * p[1] * (1 - p[1]))
+    assert float(metrics["loss"]) == pytest.approx(np.sum(sums / (T * p)) / batch, rel=1e-5)
 
 
 def test_gradient_accumulation_matches_one_big_batch(reference, tmp_path):
