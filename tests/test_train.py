@@ -28,12 +28,14 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
 
 from diffusion_jax import (
     checkpointing,
     config_lib,
     input_pipeline,
     losses,
+    reporting,
     sharding,
     train,
     train_step,
@@ -576,6 +578,67 @@ def test_cifar10_config_full_network_on_mock_data(tmp_path):
     _assert_finite(metrics)
     state, _ = _read_checkpoint(tmp_path, 1)
     assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(state["params"])) == 35_746_307
+
+
+def test_bfloat16_class_conditional_run_with_a_sample_grid(cache_dir, tmp_path, monkeypatch):
+    """One short run covers three features no other run trains with. bfloat16 compute: the
+    loss falls, parameters stay float32. Class labels: the batches' labels, and only those,
+    train the label embedding, and the output depends on the label. Sample grids: the PNG is
+    the EMA sampler's output, quantised."""
+    steps, scale = 30, 10  # a grid of 2 x 3 tiles of 8x8, upscaled 256 // (3 * 8)
+    config = _tiny(
+        **{
+            "model.class_conditional": True,
+            "training.compute_dtype": "bfloat16",
+            "optim.warmup_steps": 0,
+            "training.num_steps": steps,
+            "training.sample_every": steps,
+            "sampling.num_samples": 6,
+        }
+    )
+    logged_loss = {}
+    log_train = reporting.Reporter.log_train
+
+    def record(reporter, step, metrics):
+        logged_loss[step] = metrics["loss"]
+        log_train(reporter, step, metrics)
+
+    monkeypatch.setattr(reporting.Reporter, "log_train", record)
+    train.train_and_evaluate(config, tmp_path)
+    state, _ = _read_checkpoint(tmp_path, steps)
+
+    loss = np.array([logged_loss[step] for step in range(1, steps + 1)])
+    assert np.all(np.isfinite(loss))
+    assert loss[-5:].mean() < 0.5 * loss[:5].mean()
+    for leaf in jax.tree_util.tree_leaves((state["params"], state["ema_params"])):
+        assert leaf.dtype == np.float32
+
+    # The label embedding gets gradients from the third step on, once the zero-initialised
+    # last convolutions (of the output, then of the residual blocks) have moved: the rows
+    # with a non-zero Adam first moment are exactly the labels of batches 3, 4, ...
+    iterator = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=config.training.batch_size, seed=config.seed
+    )
+    batch_labels = [set(next(iterator)["label"].tolist()) for _ in range(steps)]
+    adam_mu = state["opt_state"][1]["mu"]["label_emb"]["embedding"]  # [11, 128]
+    trained_rows = set(np.flatnonzero(np.any(adam_mu != 0, axis=1)).tolist())
+    assert trained_rows == set().union(*batch_labels[2:])
+    model = config_lib.make_model(config, num_classes=10)
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.array([10, 10])
+    output = model.apply({"params": state["params"]}, x, t, jnp.array([0, 1]), train=False)
+    assert np.abs(np.asarray(output[0] - output[1], np.float32)).max() > 1e-3
+
+    with Image.open(tmp_path / "samples" / f"step_{steps:08d}.png") as png:
+        grid = np.asarray(png)
+    assert grid.shape == ((2 * 9 - 1) * scale, (3 * 9 - 1) * scale)
+    mesh = sharding.make_mesh(1)
+    sample_fn = train_step.make_sample_fn(config, model, mesh, sharding.replicated(mesh))
+    samples = sample_fn(state["ema_params"], jax.random.PRNGKey(config.seed + steps))
+    quantised = np.round(127.5 * np.clip(samples[..., 0], -1, 1) + 127.5).astype(np.uint8)
+    for i, image in enumerate(quantised):
+        row, col = divmod(i, 3)
+        tile = grid[row * 9 * scale :: scale, col * 9 * scale :: scale][:8, :8]
+        np.testing.assert_array_equal(tile, image, err_msg=f"sample {i}")
 
 
 def test_importance_sampled_timesteps(tmp_path):
