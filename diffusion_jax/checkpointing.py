@@ -135,13 +135,14 @@ def _restore_position_saved_by_other_processes(data_dir: pathlib.Path, data_iter
 
 
 class StopSignal:
-    """Records SIGTERM/SIGINT so the train loop can save and exit at the next step boundary.
+    """Records SIGTERM (preemption, ``kill``) and SIGINT (Ctrl-C) so that the train loop saves
+    and exits at the next step boundary instead of losing the steps since the last checkpoint.
 
     Single-process runs only: under ``jax.distributed`` the preemption service owns SIGTERM
     and ``Checkpointer.reached_preemption`` makes every process stop at the same step.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.received = None
         self._previous = {}
         for sig in signals:

@@ -49,7 +49,7 @@ def get_config():
     config.optim = optim = ml_collections.ConfigDict()
     optim.learning_rate = 2e-4
     optim.warmup_steps = 5000
-    optim.grad_clip_norm = 1.0
+    optim.grad_clip_norm = 1.0  # global gradient norm clipped to this; 0 disables clipping
     optim.beta1 = 0.9
     optim.beta2 = 0.999
     optim.eps = 1e-8

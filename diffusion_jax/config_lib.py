@@ -62,8 +62,20 @@ def _choice(config, path, valid):
 
 def _at_least(config, path, minimum):
     value = _get(config, path)
-    if value < minimum:
+    if not value >= minimum:  # NaN fails too
         raise ConfigError(f"Config key {path!r} must be >= {minimum}, got {value!r}")
+
+
+def _positive(config, path):
+    value = _get(config, path)
+    if not value > 0:
+        raise ConfigError(f"Config key {path!r} must be > 0, got {value!r}")
+
+
+def _fraction(config, path):
+    value = _get(config, path)
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"Config key {path!r} must lie in [0, 1), got {value!r}")
 
 
 def _get(config, path):
@@ -113,20 +125,15 @@ def validate(
         "sampling.eta",
         "eval.num_examples",
         "eval.seed",
+        "optim.grad_clip_norm",
+        "diffusion.vlb_weight",
+        "diffusion.p2_gamma",
     ):
         _at_least(config, path, 0)
-    if not 0.0 <= config.model.dropout < 1.0:
-        raise ConfigError(
-            f"Config key 'model.dropout' must lie in [0, 1), got {config.model.dropout}"
-        )
-    if not 0.0 <= config.optim.ema_decay < 1.0:
-        raise ConfigError(
-            f"Config key 'optim.ema_decay' must lie in [0, 1), got {config.optim.ema_decay}"
-        )
-    if not config.optim.learning_rate > 0:
-        raise ConfigError(
-            f"Config key 'optim.learning_rate' must be > 0, got {config.optim.learning_rate}"
-        )
+    for path in ("optim.learning_rate", "optim.eps", "diffusion.min_snr_gamma", "diffusion.p2_k"):
+        _positive(config, path)
+    for path in ("model.dropout", "optim.ema_decay", "optim.beta1", "optim.beta2"):
+        _fraction(config, path)
     if config.sampling.num_steps > config.diffusion.num_timesteps:
         raise ConfigError(
             f"Config key 'sampling.num_steps' ({config.sampling.num_steps}) exceeds "

@@ -12,7 +12,7 @@ Parameterisations (``mean_type``), with ``abar = alphas_cumprod[t]``:
 Variances (``var_type``):
   - ``fixed_small``: the posterior variance ``beta~_t`` (clipped at t=0 in log space);
   - ``fixed_large``: ``beta_t``, with ``beta~_1`` at t=0 (Improved DDPM's choice, which gives a
-    sensible decoder term);
+    sensible decoder term; ``beta_0`` when T = 1, where there is no ``beta~_1``);
   - ``learned_range``: ``log var = f log beta_t + (1 - f) log beta~_t`` with ``f = (v + 1) / 2``
     where ``v`` is the second half of the model output's last axis.
 """
@@ -158,8 +158,9 @@ def model_log_variance(schedule: Schedule, x_t, t, var_values, var_type: str):
         var = jnp.broadcast_to(extract(schedule.posterior_variance, t, x_t.shape), x_t.shape)
         return var, log_var
     if var_type == "fixed_large":
+        # posterior_log_variance_clipped[0] is log beta~_1 (log beta_0 when T == 1).
         large_log = jnp.concatenate(
-            [schedule.posterior_log_variance_clipped[1:2], schedule.log_betas[1:]]
+            [schedule.posterior_log_variance_clipped[:1], schedule.log_betas[1:]]
         )
         log_var = jnp.broadcast_to(extract(large_log, t, x_t.shape), x_t.shape)
         return jnp.exp(log_var), log_var

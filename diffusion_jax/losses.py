@@ -194,7 +194,7 @@ def loss_weight(
         "v": 1.0 + s,
         "mu": jnp.square(schedule.posterior_mean_coef1[t]),
     }[mean_type]
-    # SNR is 0 only where abar_t is 0 (e.g. the last step of the jsd schedule).
+    # SNR is 0 only where abar_t underflows float32 (betas near 1 over many steps).
     safe_scale = jnp.where(target_scale > 0, target_scale, 1.0)
     return jnp.where(target_scale > 0, x0_weight / safe_scale, 1.0)
 

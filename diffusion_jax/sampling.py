@@ -6,7 +6,7 @@ timestep of the *original* process, ``schedule.timestep_map[t]``, so a network t
 steps samples a respaced schedule (``schedules.respace``) unchanged. ``model_fn`` is a static
 argument: it must be hashable, and a new function object means a new compilation. To sample
 with changing parameters without recompiling, call the sampler inside your own ``jax.jit``
-that takes the parameters as an argument (see ``diffusion_jax.train``).
+that takes the parameters as an argument, as the README's library example does.
 
 Methods:
   - ``ancestral``: ``x_{t-1} ~ p(x_{t-1} | x_t)`` (DDPM Algorithm 2), no noise at the last step;
@@ -226,6 +226,11 @@ def interpolate(
     ``(1 - lam) x_t^a + lam x_t^b`` and decoded by the reverse chain. The reverse noise is the
     same for every ``lam``, so the decodings differ only through the latent.
 
+    Keys: with ``(key_a, key_b, sample_key) = split(rng, 3)``,
+    ``x_t^a = q_sample(x0_a, t, normal(key_a))`` (``x_t^b`` likewise) and the reverse chain
+    draws the noise ``sample`` draws with ``sample_key``: ``lam = 0`` decodes exactly
+    ``sample(model_fn, schedule, x0_a.shape, sample_key, x_start=x_t^a, start_step=t)``.
+
     Args:
       x0_a, x0_b: ``[B, ...]`` images in [-1, 1]; lambdas: ``[L]`` mixing weights in [0, 1].
 
@@ -235,7 +240,8 @@ def interpolate(
     _check_sampler_options(schedule, start_step, method, mean_type, var_type, eta)
     if x0_a.shape != x0_b.shape:
         raise ValueError(f"x0_a {x0_a.shape} and x0_b {x0_b.shape} must have the same shape")
-    key_a, key_b, chain_key = jax.random.split(rng, 3)
+    key_a, key_b, sample_key = jax.random.split(rng, 3)
+    _, chain_key = jax.random.split(sample_key)  # as in sample()
     t_batch = jnp.full((x0_a.shape[0],), start_step, dtype=jnp.int32)
     x_t_a = diffusion.q_sample(schedule, x0_a, t_batch, jax.random.normal(key_a, x0_a.shape))
     x_t_b = diffusion.q_sample(schedule, x0_b, t_batch, jax.random.normal(key_b, x0_b.shape))

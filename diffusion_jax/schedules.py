@@ -23,26 +23,33 @@ def _check_num_timesteps(num_timesteps: int) -> None:
 
 
 def get_betas(name: str, num_timesteps: int, **kw) -> np.ndarray:
-    """Returns the float64 betas ``[T]`` of a named schedule.
+    """Returns the float64 betas ``[T]`` of a named schedule, every one in (0, 1).
+
+    A beta of 1 would make ``abar`` 0 from that step on: nothing of x0 is left in ``x_t`` and
+    the x0 prediction divides by ``sqrt(abar) = 0``. The two schedules whose formula ends at
+    ``beta = 1`` (cosine, jsd) are clipped at ``max_beta = 0.999`` as in Improved DDPM; the
+    others take their end points from the caller, and an end point of 1 or more is an error.
 
     Args:
         name: one of ``BETA_SCHEDULES``.
             - ``linear``: DDPM (Ho et al. 2020), ``beta_start..beta_end`` (defaults 1e-4..0.02 at
                 T=1000). With ``scale_to_timesteps=True`` (default) both ends are multiplied by
-                ``1000 / T`` (Improved DDPM), so any T gives a comparable total noise.
+                ``1000 / T`` (Improved DDPM), so any T gives a comparable total noise; the
+                scaled ``beta_end`` is 1 at T=20, so T >= 21.
             - ``cosine``: Improved DDPM (Nichol & Dhariwal 2021),
                 ``abar(t) = cos^2((t/T + s)/(1 + s) * pi/2)`` with ``s=0.008``; betas clipped at
                 ``max_beta=0.999`` (unclipped, the last one is 1).
             - ``quad``: ``linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``.
             - ``const``: ``beta_end`` everywhere.
             - ``sigmoid``: ``sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start``.
-            - ``jsd``: ``1 / linspace(T, 1, T)`` (DDPM's code; ``beta_{T-1} = 1``).
+            - ``jsd``: ``1 / linspace(T, 1, T)`` (DDPM's code), whose last beta (1) is clipped at
+                ``max_beta=0.999``.
         num_timesteps: T >= 1.
         **kw: ``beta_start``, ``beta_end``, ``scale_to_timesteps`` (linear/quad/sigmoid/const),
-            ``s``, ``max_beta`` (cosine).
+            ``s``, ``max_beta`` (cosine, jsd).
 
     Returns:
-        float64 array ``[T]`` with values in (0, 1].
+        float64 array ``[T]`` with values in (0, 1).
     """
     _check_num_timesteps(num_timesteps)
     T = int(num_timesteps)
@@ -55,8 +62,9 @@ def get_betas(name: str, num_timesteps: int, **kw) -> np.ndarray:
         betas = 1.0 - abar[1:] / abar[:-1]
         return np.clip(betas, 0.0, max_beta)
     if name == "jsd":
+        max_beta = kw.pop("max_beta", 0.999)
         _reject_unknown(name, kw)
-        return 1.0 / np.linspace(T, 1, T, dtype=np.float64)
+        return np.minimum(1.0 / np.linspace(T, 1, T, dtype=np.float64), max_beta)
     if name not in BETA_SCHEDULES:
         raise ValueError(f"Unknown beta schedule {name!r}; valid: {', '.join(BETA_SCHEDULES)}")
 
@@ -64,10 +72,10 @@ def get_betas(name: str, num_timesteps: int, **kw) -> np.ndarray:
     beta_start = kw.pop("beta_start", 1e-4) * scale
     beta_end = kw.pop("beta_end", 0.02) * scale
     _reject_unknown(name, kw)
-    if not 0.0 < beta_start <= 1.0 or not 0.0 < beta_end <= 1.0:
+    if not 0.0 < beta_start < 1.0 or not 0.0 < beta_end < 1.0:
         raise ValueError(
             f"{name} schedule: beta_start={beta_start}, beta_end={beta_end} (after scaling by "
-            f"1000/T={scale}) must lie in (0, 1]"
+            f"1000/T={scale}) must lie in (0, 1)"
         )
     if name == "linear":
         return np.linspace(beta_start, beta_end, T, dtype=np.float64)
@@ -124,9 +132,12 @@ class Schedule:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 1:
             raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-        if not np.all((betas > 0) & (betas <= 1)):
-            bad = betas[~((betas > 0) & (betas <= 1))]
-            raise ValueError(f"betas must lie in (0, 1]; got values such as {bad[:3]}")
+        valid = (betas > 0) & (betas < 1)
+        if not np.all(valid):
+            raise ValueError(
+                f"betas must lie in (0, 1) (a beta of 1 leaves nothing of x0 in x_t); got values "
+                f"such as {betas[~valid][:3]}"
+            )
         T = betas.shape[0]
         if timestep_map is None:
             timestep_map = np.arange(T)

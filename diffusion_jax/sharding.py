@@ -54,9 +54,11 @@ def param_spec(shape, fsdp: int) -> P:
     return P()
 
 
-def tree_shardings(mesh: Mesh, abstract_tree, *, shard_params: bool):
-    """NamedShardings for a pytree of arrays (or ShapeDtypeStructs): FSDP rule or replicated."""
-    fsdp = mesh.shape["fsdp"] if shard_params else 1
+def param_shardings(mesh: Mesh, abstract_tree):
+    """NamedShardings of the FSDP rule over the mesh's ``fsdp`` axis for a pytree of parameters
+    (or arrays shaped like them: EMA, optimizer state), given as arrays or ShapeDtypeStructs.
+    Other state (step, RNG key, statistics) is replicated whatever its size."""
+    fsdp = mesh.shape["fsdp"]
     return jax.tree_util.tree_map(
         lambda leaf: NamedSharding(mesh, param_spec(leaf.shape, fsdp)), abstract_tree
     )

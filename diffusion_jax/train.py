@@ -4,8 +4,8 @@
 
 The loop: validate config -> data -> mesh -> state (restored from ``workdir`` when a checkpoint
 exists) -> jitted sharded train step -> progress/TensorBoard/sample grids -> async checkpoints,
-and a final save on SIGTERM/preemption. Multi-host: the same program on every process, after
-``jax.distributed.initialize`` (see ``launch/``).
+and a final save on SIGTERM, SIGINT (Ctrl-C) or preemption. Multi-host: the same program on
+every process, after ``jax.distributed.initialize`` (see ``launch/``).
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ class TrainState:
 
 
 def make_optimizer(optim_config):
-    """``(optimizer, learning_rate_schedule)``: global-norm clipping, then Adam with a linear
-    warmup to a constant learning rate."""
+    """``(optimizer, learning_rate_schedule)``: global-norm clipping (none when
+    ``grad_clip_norm`` is 0), then Adam with a linear warmup to a constant learning rate."""
     warmup = optim_config.warmup_steps
     lr = (
         optax.join_schedules(
@@ -49,8 +49,9 @@ def make_optimizer(optim_config):
         if warmup
         else optax.constant_schedule(optim_config.learning_rate)
     )
+    clip = optim_config.grad_clip_norm
     return optax.chain(
-        optax.clip_by_global_norm(optim_config.grad_clip_norm),
+        optax.clip_by_global_norm(clip) if clip else optax.identity(),
         optax.scale_by_adam(b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps),
         optax.scale_by_learning_rate(lr),
     ), lr
@@ -76,15 +77,21 @@ def _init_state(config, model, optimizer, image_shape, rng):
 
 
 def state_shardings(config, model, optimizer, image_shape, mesh):
-    """``(abstract_state, shardings)``: shapes/dtypes of the state and where each leaf lives."""
+    """``(abstract_state, shardings)``: shapes/dtypes of the state and where each leaf lives.
+
+    Parameters, their EMA and the optimizer state follow the FSDP rule (``sharding``); the step,
+    the RNG key and the loss history are replicated: every device reads them whole.
+    """
     abstract = jax.eval_shape(
         functools.partial(_init_state, config, model, optimizer, image_shape),
         jax.random.PRNGKey(0),
     )
-    shard_params = config.training.fsdp > 1
-    shardings = sharding.tree_shardings(mesh, abstract, shard_params=shard_params)
-    # Small leaves (step, rng, loss history, Adam counts) are replicated by the size rule.
-    return abstract, shardings
+    replicated = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), abstract)
+    return abstract, replicated.replace(
+        params=sharding.param_shardings(mesh, abstract.params),
+        ema_params=sharding.param_shardings(mesh, abstract.ema_params),
+        opt_state=sharding.param_shardings(mesh, abstract.opt_state),
+    )
 
 
 def create_train_state(config, model, optimizer, image_shape, shardings):

@@ -3,8 +3,9 @@
 The runs go through ``launch/local.sh`` (N processes x M CPU devices, gloo collectives) with the
 digits config shrunk to a one-level U-Net, so that each run is dominated by start-up and
 compilation. They check that the result does not depend on how the global batch is spread:
-2 processes x 2 devices reproduce 1 process x 4 devices, and a checkpoint written by 4 devices
-resumes on 2 processes x 1 device and ends where an uninterrupted 4-device run ends.
+2 processes x 2 devices reproduce 1 process x 4 devices, so does fsdp=2 on those 4 devices, and a
+checkpoint written by 4 devices resumes on 2 processes x 1 device and ends where an
+uninterrupted 4-device run ends.
 The launcher's own logic (flags, failure and signal propagation) is tested with a stub program.
 """
 
@@ -59,9 +60,16 @@ def _env(**extra) -> dict[str, str]:
     return env
 
 
-def _train(workdir: pathlib.Path, num_steps: int, *, processes: int, devices: int) -> str:
+def _train(
+    workdir: pathlib.Path, num_steps: int, *extra_flags: str, processes: int, devices: int
+) -> str:
     """Runs the program (through ``launch/local.sh`` when ``processes > 1``); returns its log."""
-    flags = [*TINY_RUN, f"--workdir={workdir}", f"--config.training.num_steps={num_steps}"]
+    flags = [
+        *TINY_RUN,
+        f"--workdir={workdir}",
+        f"--config.training.num_steps={num_steps}",
+        *extra_flags,
+    ]
     if processes == 1:
         command = [sys.executable, "-m", "diffusion_jax.train", f"--cpu_devices={devices}"]
     else:
@@ -132,6 +140,18 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     print(f"max |params(2x2) - params(1x4)| after {K} steps = {diff:.3g}")
     data_files = sorted(p.name for p in (tmp_path / "checkpoints" / str(K) / "data").glob("*.json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_fsdp_matches_data_parallel(reference_run, tmp_path):
+    """fsdp=2 on the same 4 devices: the kernels with >= 2**14 elements (the time embedding's
+    128x128 and two 3x3x64x32 convolutions), their EMA and Adam moments are split over pairs of
+    devices; the global batch and every example's noise are unchanged, so the state is
+    pure data parallelism's up to the reduction order."""
+    _train(tmp_path, K, "--config.training.fsdp=2", processes=1, devices=4)
+    actual, expected = _load_state(tmp_path, K), _load_state(reference_run, K)
+    _assert_same_state(actual, expected)
+    diff = _max_abs_diff(actual["params"], expected["params"])
+    print(f"max |params(fsdp=2) - params(fsdp=1)| after {K} steps = {diff:.3g}")
 
 
 def test_resume_four_device_checkpoint_on_two_processes(reference_run, tmp_path):

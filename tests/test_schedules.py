@@ -11,7 +11,8 @@ from diffusion_jax.schedules import Schedule
 def test_betas_shape_range_and_dtype(name):
     betas = schedules.get_betas(name, 1000)
     assert betas.dtype == np.float64 and betas.shape == (1000,)
-    assert np.all(betas > 0) and np.all(betas <= 1)
+    # Never 1: abar would reach 0 and the x0 prediction divide by sqrt(abar) = 0.
+    assert np.all(betas > 0) and np.all(betas < 1)
 
 
 def test_linear_matches_ddpm_and_abar_T():
@@ -56,8 +57,29 @@ def test_unknown_schedule_and_bad_args():
         schedules.get_betas("linear", 0)
     with pytest.raises(ValueError, match="Unexpected arguments"):
         schedules.get_betas("cosine", 10, beta_end=0.1)
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
         schedules.get_betas("linear", 10)  # 0.02 * 1000 / 10 = 2 > 1
+
+
+@pytest.mark.parametrize("name", ["cosine", "jsd"])
+@pytest.mark.parametrize("T", [1, 20, 1000])
+def test_schedules_ending_at_beta_one_are_clipped(name, T):
+    """Both formulas end at beta = 1 (abar_T = 0); they are clipped at 0.999 as in Improved
+    DDPM, the rest of the sequence untouched."""
+    betas = schedules.get_betas(name, T)
+    assert betas[-1] == 0.999 and np.all(betas < 1)
+    if name == "jsd":
+        np.testing.assert_array_equal(betas[:-1], 1.0 / np.arange(T, 1, -1))
+
+
+def test_parameterised_schedules_reject_a_beta_of_one():
+    # Scaled linear at T = 20 ends at 0.02 * 1000 / 20 = 1: rejected, not clipped (the end
+    # points are the user's choice); T = 21 is the shortest valid one.
+    with pytest.raises(ValueError, match=r"beta_end=1\.0 .* must lie in \(0, 1\)"):
+        schedules.get_betas("linear", 20)
+    assert schedules.get_betas("linear", 21)[-1] == pytest.approx(0.02 * 1000 / 21)
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+        schedules.get_betas("const", 50, beta_end=1.0, scale_to_timesteps=False)
 
 
 def test_schedule_fields_hand_derived():
@@ -89,8 +111,10 @@ def test_schedule_is_a_pytree_usable_under_jit():
 
 
 def test_from_betas_rejects_bad_betas():
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
         Schedule.from_betas(np.array([0.1, 0.0, 0.2]))
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        Schedule.from_betas(np.array([0.1, 1.0]))
     with pytest.raises(ValueError, match="1-D"):
         Schedule.from_betas(np.ones((2, 2)) * 0.1)
 

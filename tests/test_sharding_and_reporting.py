@@ -1,9 +1,18 @@
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from diffusion_jax import reporting, sharding
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_param_spec_rule():
@@ -12,6 +21,56 @@ def test_param_spec_rule():
     assert sharding.param_spec((3, 3, 128, 256), 4) == P(None, None, None, "fsdp")
     assert sharding.param_spec((3, 3, 130, 258), 4) == P()  # nothing divisible by 4
     assert sharding.param_spec((512, 130), 2) == P("fsdp", None)
+
+
+# The partition specs of the train state on 4 CPU devices (a process of its own: this one has
+# 1 device) with fsdp=2, T=2000 and importance-sampled t: a [2000, 10] loss history has more
+# elements than the size rule's threshold.
+_STATE_SPECS = textwrap.dedent(
+    """\
+    import json
+    from diffusion_jax import xla_flags
+    xla_flags.configure(cpu_devices=4)
+    import jax
+    from diffusion_jax import config_defaults, config_lib, sharding, train_step
+    config = config_defaults.get_config()
+    config.model.ch_mult = (1, 2)
+    config.diffusion.num_timesteps = 2000
+    config.diffusion.loss_type = "hybrid"
+    config.diffusion.timestep_sampling = "importance"
+    config.training.fsdp = 2
+    optimizer, _ = train_step.make_optimizer(config.optim)
+    _, shardings = train_step.state_shardings(
+        config, config_lib.make_model(config), optimizer, (8, 8, 3), sharding.make_mesh(2)
+    )
+    print(json.dumps({
+        jax.tree_util.keystr(path): [str(s.spec), s.mesh.devices.size]
+        for path, s in jax.tree_util.tree_leaves_with_path(shardings)
+    }))
+    """
+)
+
+
+def test_fsdp_shards_parameters_and_optimizer_state_only():
+    result = subprocess.run(
+        [sys.executable, "-c", _STATE_SPECS],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    specs = json.loads(result.stdout)
+    assert {devices for _, devices in specs.values()} == {4}
+    groups = {}
+    for path, (spec, _) in specs.items():
+        groups.setdefault(path.split(".")[1].split("[")[0], set()).add(spec)
+    assert set(groups) == {"step", "params", "ema_params", "opt_state", "rng", "loss_history"}
+    for name in ("params", "ema_params", "opt_state"):
+        assert any("fsdp" in spec for spec in groups[name]), name
+    for name in ("step", "rng", "loss_history"):
+        assert groups[name] == {str(P())}, name
 
 
 def test_mesh_and_global_batch_single_process():

@@ -1,5 +1,6 @@
-"""Tests of the training program: exact resume after SIGKILL, SIGTERM, interrupted and corrupt
-checkpoints, non-finite loss, config errors, the CIFAR-10 configs and gradient accumulation.
+"""Tests of the training program: exact resume after SIGKILL, SIGTERM and SIGINT, interrupted and
+corrupt checkpoints, non-finite loss, config errors, the CIFAR-10 configs and gradient
+accumulation.
 
 Most runs use a tiny network on the digits (``_TINY``), in-process where possible; the signal
 and exit-code checks run ``python -m diffusion_jax.train`` as a subprocess. Compiled programs
@@ -19,14 +20,27 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
 
-from diffusion_jax import checkpointing, config_lib, input_pipeline, train, train_step
+from diffusion_jax import (
+    checkpointing,
+    config_lib,
+    generate,
+    input_pipeline,
+    losses,
+    reporting,
+    sharding,
+    train,
+    train_step,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -258,7 +272,11 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
         assert json.loads(data) == positions[step]
 
 
-def test_sigterm_saves_and_exits_zero_then_resumes(cache_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_stop_signal_saves_and_exits_zero_then_resumes(
+    stop_signal, cache_dir, tmp_path, monkeypatch
+):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) both save the step reached and exit 0."""
     workdir, log = tmp_path / "run", tmp_path / "run.log"
     num_steps = 100000
     process = _start(
@@ -270,14 +288,16 @@ def test_sigterm_saves_and_exits_zero_then_resumes(cache_dir, tmp_path, monkeypa
     )
     try:
         _wait_for(lambda: "step 1/" in log.read_text(), process, log, "the first step")
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop_signal)
         process.wait(timeout=_SUBPROCESS_TIMEOUT_S)
     finally:
         process.kill()
     assert process.returncode == 0, log.read_text()
     [stopped_at] = _steps(workdir)
     assert 1 <= stopped_at < num_steps
-    assert f"saved step {stopped_at}, exiting" in log.read_text()
+    assert f"Stop requested ({stop_signal.name}): saved step {stopped_at}, exiting" in (
+        log.read_text()
+    )
 
     def fail(*args, **kwargs):
         raise AssertionError("initialised a fresh train state instead of resuming")
@@ -411,11 +431,32 @@ def _replace_group(config, group, **values):
             "'diffusion.schedule' ('linear') and 'diffusion.num_timesteps' (10) give no valid",
         ),
         (
+            _tiny(**{"diffusion.schedule": "linear", "diffusion.num_timesteps": 20}),
+            "(20) give no valid schedule: linear schedule: beta_start=0.005, beta_end=1.0 ",
+        ),
+        (
             _tiny(**{"model.ch": 16}),
             "'model.num_groups' (32) must divide the channels of every level",
         ),
         (_tiny(**{"model.dropout": 1.0}), "'model.dropout' must lie in [0, 1), got 1.0"),
         (_tiny(**{"model.dropout": -0.1}), "'model.dropout' must lie in [0, 1), got -0.1"),
+        (_tiny(**{"optim.beta1": 1.0}), "'optim.beta1' must lie in [0, 1), got 1.0"),
+        (_tiny(**{"optim.beta1": -0.1}), "'optim.beta1' must lie in [0, 1), got -0.1"),
+        (_tiny(**{"optim.beta2": 1.0}), "'optim.beta2' must lie in [0, 1), got 1.0"),
+        (_tiny(**{"optim.eps": 0.0}), "'optim.eps' must be > 0, got 0.0"),
+        (_tiny(**{"optim.grad_clip_norm": -1.0}), "'optim.grad_clip_norm' must be >= 0, got -1.0"),
+        (_tiny(**{"optim.learning_rate": 0.0}), "'optim.learning_rate' must be > 0, got 0.0"),
+        (
+            _tiny(**{"diffusion.vlb_weight": -0.001}),
+            "'diffusion.vlb_weight' must be >= 0, got -0.001",
+        ),
+        (
+            _tiny(**{"diffusion.min_snr_gamma": 0.0}),
+            "'diffusion.min_snr_gamma' must be > 0, got 0.0",
+        ),
+        (_tiny(**{"diffusion.p2_k": 0.0}), "'diffusion.p2_k' must be > 0, got 0.0"),
+        (_tiny(**{"diffusion.p2_gamma": -0.5}), "'diffusion.p2_gamma' must be >= 0, got -0.5"),
+        (_tiny(**{"diffusion.p2_k": float("nan")}), "'diffusion.p2_k' must be > 0, got nan"),
         (
             _tiny(**{"model.ch_mult": (1, 2, 2, 2, 2)}),
             "'data.image_size' (8) must be divisible by 2**(len(model.ch_mult) - 1) = 16",
@@ -424,9 +465,25 @@ def _replace_group(config, group, **values):
 )
 def test_bad_config_fails_before_anything_is_built(config, message, tmp_path, nothing_built):
     workdir = tmp_path / "run"
-    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)) as error:
         train.train_and_evaluate(config, workdir)
+    assert "\n" not in str(error.value)
     assert not workdir.exists()
+
+
+def test_grad_clip_norm_zero_means_no_clipping():
+    """Two Adam steps with gradients of norm 5 and 500: clipping at 1 would make them equal."""
+    config = _tiny(**{"optim.grad_clip_norm": 0.0, "optim.warmup_steps": 0})
+    config_lib.validate(config)
+    optimizer, _ = train_step.make_optimizer(config.optim)
+    adam = optax.adam(config.optim.learning_rate, config.optim.beta1, config.optim.beta2)
+    params = {"w": np.zeros(2, np.float32)}
+    state, adam_state = optimizer.init(params), adam.init(params)
+    for grad in ([3.0, 4.0], [300.0, -400.0]):
+        grads = {"w": np.asarray(grad, np.float32)}
+        updates, state = optimizer.update(grads, state, params)
+        expected, adam_state = adam.update(grads, adam_state, params)
+        np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
 
 
 def test_batch_not_divisible_by_devices():
@@ -524,8 +581,71 @@ def test_cifar10_config_full_network_on_mock_data(tmp_path):
     assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(state["params"])) == 35_746_307
 
 
+def test_bfloat16_class_conditional_run_with_a_sample_grid(cache_dir, tmp_path, monkeypatch):
+    """One short run covers three features no other run trains with. bfloat16 compute: the
+    loss falls, parameters stay float32. Class labels: the batches' labels, and only those,
+    train the label embedding, and the output depends on the label. Sample grids: the PNG is
+    the EMA sampler's output, quantised."""
+    steps, scale = 30, 10  # a grid of 2 x 3 tiles of 8x8, upscaled 256 // (3 * 8)
+    config = _tiny(
+        **{
+            "model.class_conditional": True,
+            "training.compute_dtype": "bfloat16",
+            "optim.warmup_steps": 0,
+            "training.num_steps": steps,
+            "training.sample_every": steps,
+            "sampling.num_samples": 6,
+        }
+    )
+    logged_loss = {}
+    log_train = reporting.Reporter.log_train
+
+    def record(reporter, step, metrics):
+        logged_loss[step] = metrics["loss"]
+        log_train(reporter, step, metrics)
+
+    monkeypatch.setattr(reporting.Reporter, "log_train", record)
+    train.train_and_evaluate(config, tmp_path)
+    state, _ = _read_checkpoint(tmp_path, steps)
+
+    loss = np.array([logged_loss[step] for step in range(1, steps + 1)])
+    assert np.all(np.isfinite(loss))
+    assert loss[-5:].mean() < 0.5 * loss[:5].mean()
+    for leaf in jax.tree_util.tree_leaves((state["params"], state["ema_params"])):
+        assert leaf.dtype == np.float32
+
+    # The label embedding gets gradients from the third step on, once the zero-initialised
+    # last convolutions (of the output, then of the residual blocks) have moved: the rows
+    # with a non-zero Adam first moment are exactly the labels of batches 3, 4, ...
+    iterator = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=config.training.batch_size, seed=config.seed
+    )
+    batch_labels = [set(next(iterator)["label"].tolist()) for _ in range(steps)]
+    adam_mu = state["opt_state"][1]["mu"]["label_emb"]["embedding"]  # [11, 128]
+    trained_rows = set(np.flatnonzero(np.any(adam_mu != 0, axis=1)).tolist())
+    assert trained_rows == set().union(*batch_labels[2:])
+    model = config_lib.make_model(config, num_classes=10)
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.array([10, 10])
+    output = model.apply({"params": state["params"]}, x, t, jnp.array([0, 1]), train=False)
+    assert np.abs(np.asarray(output[0] - output[1], np.float32)).max() > 1e-3
+
+    with Image.open(tmp_path / "samples" / f"step_{steps:08d}.png") as png:
+        grid = np.asarray(png)
+    assert grid.shape == ((2 * 9 - 1) * scale, (3 * 9 - 1) * scale)
+    mesh = sharding.make_mesh(1)
+    num = config.sampling.num_samples
+    generate_fn = generate.make_generate_fn(config, model, mesh, sharding.replicated(mesh), num)
+    samples = generate_fn(state["ema_params"], jax.random.PRNGKey(config.seed + steps), 0)
+    samples = np.asarray(samples)[:num, ..., 0]
+    quantised = np.round(127.5 * np.clip(samples, -1, 1) + 127.5).astype(np.uint8)
+    for i, image in enumerate(quantised):
+        row, col = divmod(i, 3)
+        tile = grid[row * 9 * scale :: scale, col * 9 * scale :: scale][:8, :8]
+        np.testing.assert_array_equal(tile, image, err_msg=f"sample {i}")
+
+
 def test_importance_sampled_timesteps(tmp_path):
-    """Hybrid loss with importance-sampled t on the digits. T=4 (cosine; linear needs T >= 20)
+    """Hybrid loss with importance-sampled t on the digits. T=4 (cosine; linear needs T >= 21)
     and 16 examples a step fill the 10-loss history of every t within the first steps, so the
     last step samples t from it."""
     num_steps = 6
@@ -546,6 +666,54 @@ def test_importance_sampled_timesteps(tmp_path):
     np.testing.assert_array_equal(before_last["loss_history"]["counts"], 10)
     last, _ = _read_checkpoint(tmp_path, num_steps)
     assert np.all(np.isfinite(last["loss_history"]["history"]))
+
+
+def test_importance_sampling_draws_t_from_the_history_and_weights_the_loss():
+    """One train step from a warmed-up hand-made history over T = 4 whose losses have root mean
+    square 1 at t = 1 and 2 at t = 3, 0 elsewhere: p(t) = 0.999 (0, 1/3, 0, 2/3) + 0.001 / 4.
+    With T = 4 the metrics' loss quarters are single timesteps: they count each t's draws
+    and sum its examples' losses T L_t, so the objective must be their sum weighted by
+    1 / (T p(t)) (0.75 at t = 1, 0.375 at t = 3)."""
+    T, batch = 4, 128
+    config = _tiny(
+        **{
+            "diffusion.schedule": "cosine",
+            "diffusion.num_timesteps": T,
+            "diffusion.loss_type": "vlb",
+            "diffusion.timestep_sampling": "importance",
+            "training.batch_size": batch,
+        }
+    )
+    config_lib.validate(config)
+    model, schedule = config_lib.make_model(config), config_lib.make_schedule(config)
+    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+    mesh, image_shape = sharding.make_mesh(1), (8, 8, 1)
+    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+    state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+    rms = np.array([0.0, 1.0, 0.0, 2.0], np.float32)
+    state = state.replace(
+        loss_history=losses.LossHistory(
+            history=jnp.asarray(np.repeat(rms[:, None], 10, axis=1)),
+            counts=jnp.full((T,), 10, jnp.int32),
+        )
+    )
+    step_fn = train_step.make_train_step(
+        config, model, schedule, optimizer, lr_schedule, mesh, shardings
+    )
+    images = np.round(np.random.default_rng(0).uniform(0, 255, (batch, *image_shape))) / 127.5 - 1
+    inputs = {"image": images.astype(np.float32), "label": np.zeros(batch, np.int32)}
+    _, metrics = step_fn(state, sharding.global_batch(mesh, inputs))
+    metrics = jax.device_get(metrics)
+
+    counts = np.array([metrics[f"loss_q{t}_count"] for t in range(T)])
+    sums = np.array([metrics[f"loss_q{t}_sum"] for t in range(T)])
+    p = 0.999 * rms / rms.sum() + 0.001 / T
+    assert counts.sum() == batch
+    # 0.06 draws expected at t = 0 and 2 together (uniform t would give 64); t = 1 is binomial
+    # with mean 42.7 and standard deviation 5.3: within 4 of them.
+    assert counts[0] + counts[2] <= 1
+    assert abs(counts[1] - batch * p[1]) <= 4 * np.sqrt(batch * p[1] * (1 - p[1]))
+    assert float(metrics["loss"]) == pytest.approx(np.sum(sums / (T * p)) / batch, rel=1e-5)
 
 
 def test_gradient_accumulation_matches_one_big_batch(reference, tmp_path):
