@@ -1,6 +1,6 @@
 """Smoke test of the bench scripts: tiny networks, their JSON lines parse and hold the fields.
 
-Both scripts run as subprocesses, side by side, with XLA's LLVM optimisation off (a tiny
+The scripts run as subprocesses, side by side, with XLA's LLVM optimisation off (a tiny
 network's run is almost all compilation; its timings are meaningless anyway).
 """
 
@@ -23,7 +23,8 @@ TINY = [
     "2",
 ]
 SAMPLER_ARGS = TINY + ["--steps", "3", "--respaced_steps", "2", "--repeats", "1", "--warmup", "0"]
-TRAIN_ARGS = TINY + ["--steps", "1"]
+TRAIN_ARGS = TINY + ["--steps", "1", "--max_batch", "4"]
+PROFILE_ARGS = TINY + ["--steps", "2", "--warmup", "1"]
 
 
 def _start(script, args):
@@ -39,11 +40,11 @@ def _start(script, args):
 
 
 def _lines(proc):
-    """The process's JSON lines, grouped by their "bench" field."""
+    """The process's JSON lines (its other lines skipped), grouped by their "bench" field."""
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     lines = {}
-    for line in map(json.loads, out.splitlines()):
+    for line in map(json.loads, filter(lambda text: text.startswith("{"), out.splitlines())):
         lines.setdefault(line["bench"], []).append(line)
     return lines
 
@@ -53,9 +54,10 @@ def _assert_positive(line, keys):
         assert isinstance(line[key], (int, float)) and line[key] > 0, (key, line)
 
 
-def test_bench_scripts_print_json_lines():
+def test_bench_scripts_print_json_lines(tmp_path):
     sampler, train = _start("sampler.py", SAMPLER_ARGS), _start("train.py", TRAIN_ARGS)
-    sampler_lines, train_lines = _lines(sampler), _lines(train)
+    profile = _start("profile_train.py", PROFILE_ARGS + ["--logdir", str(tmp_path)])
+    sampler_lines, train_lines, profile_lines = _lines(sampler), _lines(train), _lines(profile)
 
     assert set(sampler_lines) == {
         "env",
@@ -72,21 +74,74 @@ def test_bench_scripts_print_json_lines():
         [line] = sampler_lines[f"sampler_{name}"]
         assert line["steps"] == steps
         _assert_positive(
-            line, ["scan_s", "loop_s", "ratio", "forward_ms", "compile_scan_s", "compile_forward_s"]
+            line,
+            [
+                "samples_per_s",
+                "scan_s",
+                "loop_s",
+                "ratio",
+                "forward_ms",
+                "compile_scan_s",
+                "compile_forward_s",
+                "peak_rss_mib",
+            ],
         )
+        assert line["peak_device_mib"] is None  # CPU
 
-    [line] = train_lines["train_step"]
-    assert (line["batch"], line["ch"], line["image_size"]) == (2, 16, 8)
-    _assert_positive(
-        line,
-        [
-            "images_per_s",
-            "images_per_s_mean",
-            "step_s",
-            "compile_s",
-            "first_step_s",
-            "init_s",
-            "peak_rss_mib",
-            "params_m",
-        ],
-    )
+    assert [line["batch"] for line in train_lines["train_step"]] == [2, 4]
+    for line in train_lines["train_step"]:
+        assert (line["ch"], line["image_size"], line["dtype"]) == (16, 8, "float32")
+        _assert_positive(
+            line,
+            [
+                "images_per_s",
+                "images_per_s_mean",
+                "step_s",
+                "compile_s",
+                "first_step_s",
+                "init_s",
+                "peak_rss_mib",
+                "params_m",
+                "xla_gflop_per_image",
+                "xla_tflops_per_s",
+                "program_mib",
+            ],
+        )
+        # Not the paper's network, and a CPU: no paper FLOPs, no peak, no MFU.
+        for key in ("paper_gflop_per_image", "peak", "mfu", "mfu_paper", "peak_device_mib"):
+            assert line[key] is None, key
+    [line] = train_lines["train_step_max_batch"]
+    assert (line["largest_batch"], line["stopped"]) == (4, "reached --max_batch")
+
+    [line] = profile_lines["profile_train"]
+    shares = line["share"]
+    assert abs(sum(shares.values()) - 1) < 1e-3, shares
+    # The tiny U-Net's convolutions, forward and backward, are found and named as such.
+    assert shares["conv_fwd"] > 0 and shares["conv_bwd"] > 0, shares
+    assert line["top_ops"] and line["trace"].startswith(str(tmp_path))
+
+
+def test_device_peaks_and_both_forms_of_cost_analysis():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        import _common
+    finally:
+        sys.path.pop(0)
+
+    class Device:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    h100 = Device("NVIDIA H100 80GB HBM3")
+    assert _common.device_peak_flops(h100, "bfloat16") == (989e12, "H100 dense bf16")
+    assert _common.device_peak_flops(h100, "float32") == (495e12, "H100 dense tf32")
+    assert _common.device_peak_flops(Device("NVIDIA H100 PCIe"), "bfloat16")[0] == 756e12
+    assert _common.device_peak_flops(Device("cpu"), "bfloat16") == (None, None)
+
+    class Compiled:
+        def __init__(self, analysis):
+            self.cost_analysis = lambda: analysis
+
+    assert _common.xla_flops(Compiled({"flops": 6.0, "bytes accessed": 1.0})) == 6.0
+    assert _common.xla_flops(Compiled([{"flops": 6.0}])) == 6.0  # older JAX
+    assert _common.xla_flops(Compiled(None)) is None
