@@ -4,10 +4,13 @@ The scripts run as subprocesses, side by side, with XLA's LLVM optimisation off 
 network's run is almost all compilation; its timings are meaningless anyway).
 """
 
+import importlib
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -25,6 +28,15 @@ TINY = [
 SAMPLER_ARGS = TINY + ["--steps", "3", "--respaced_steps", "2", "--repeats", "1", "--warmup", "0"]
 TRAIN_ARGS = TINY + ["--steps", "1", "--max_batch", "4"]
 PROFILE_ARGS = TINY + ["--steps", "2", "--warmup", "1"]
+
+
+def _import_bench(name):
+    """A bench script as a module (the scripts import their siblings by bare name)."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def _start(script, args):
@@ -122,11 +134,7 @@ def test_bench_scripts_print_json_lines(tmp_path):
 
 
 def test_device_peaks_and_both_forms_of_cost_analysis():
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    try:
-        import _common
-    finally:
-        sys.path.pop(0)
+    _common = _import_bench("_common")
 
     class Device:
         def __init__(self, kind):
@@ -145,3 +153,22 @@ def test_device_peaks_and_both_forms_of_cost_analysis():
     assert _common.xla_flops(Compiled({"flops": 6.0, "bytes accessed": 1.0})) == 6.0
     assert _common.xla_flops(Compiled([{"flops": 6.0}])) == 6.0  # older JAX
     assert _common.xla_flops(Compiled(None)) is None
+
+
+def test_compare_runs_reads_event_files(tmp_path, capsys):
+    from tensorboardX import SummaryWriter
+
+    compare_runs = _import_bench("compare_runs")
+    for name, scale in (("a", 1.0), ("b", 1.5)):
+        with SummaryWriter(str(tmp_path / name / "tensorboard")) as writer:
+            for step in (10, 20):
+                writer.add_scalar("train/loss", scale / step, step)
+    compare_runs.main([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
+    *table, last = capsys.readouterr().out.splitlines()
+    assert table[2].split() == ["10", "0.10000", "0.15000", "1.5000"]
+    assert json.loads(last)["last"] == {"a": 0.05, "b": 0.075}
+
+
+@pytest.mark.parametrize("script", ["gpu.sh", "fetch_gpu_wheels.sh"])
+def test_shell_scripts_parse(script):
+    subprocess.run(["bash", "-n", os.path.join(REPO, "bench", script)], check=True)
