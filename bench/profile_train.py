@@ -6,9 +6,9 @@
 Builds the train step as ``bench/train.py`` does (same flags), runs ``--warmup`` steps, then
 traces ``--steps`` steps into ``--logdir`` (for TensorBoard/XProf or Perfetto) and reads the
 Chrome-trace JSON the profiler writes beside its ``.xplane.pb`` (no TensorBoard needed). Each
-op event (device kernels on a GPU, thunks on XLA:CPU) carries the name of its HLO instruction;
-the compiled program's own HLO text says what the instruction is (opcode, fused ops, custom-call
-target, the JAX op path in its metadata), from which it gets one category:
+op event (on a GPU the "XLA Ops" line, else the kernels on the streams; thunks on XLA:CPU) names
+its HLO instruction; the compiled program's own HLO text says what the instruction is (opcode,
+fused ops, custom-call target, the JAX op path in its metadata), from which it gets one category:
 
   conv_fwd / conv_bwd    convolutions (cuDNN custom calls or fusions holding a convolution);
                          backward when the JAX path is under ``transpose(...)``
@@ -20,7 +20,8 @@ target, the JAX op path in its metadata), from which it gets one category:
   optimizer_ema          ops outside the gradient: clipping, Adam, EMA, metrics
   layout                 copies and transposes (layout changes)
   collectives            cross-device communication
-  other                  the rest (and device events with no HLO op, e.g. memcpy)
+  other                  the rest, and events named after no instruction (e.g. memcpy;
+                         reported apart as ``unknown_ms_per_step``)
 
 Prints a table (milliseconds per step and share of the summed op time, then the costliest
 ops), then one JSON line. On XLA:CPU, ops that run side by side make the summed op time exceed
@@ -137,33 +138,51 @@ def trace_file(logdir: str) -> str:
     raise FileNotFoundError(f"no trace JSON under {logdir}/plugins/profile")
 
 
-def op_events(path: str, module: str) -> list[tuple[str, float]]:
-    """``(HLO op name, microseconds)`` of every op event of HLO module ``module`` in a trace;
-    only device events where there are any (a GPU), else the host's (XLA:CPU thunks)."""
+def op_events(path: str, module: str) -> tuple[list[tuple[str, float]], str]:
+    """``(events, where from)``: ``(HLO op or kernel name, microseconds)`` of the op events in
+    a trace, each op run counted once. A GPU's trace shows each op on a derived "XLA Ops" line
+    and as its kernels on the stream lines: the former is read where present, else the latter
+    (kernels carry their op's name in ``args.hlo_op``). Without device events (XLA:CPU): the
+    host's thunk events of HLO module ``module``."""
     with gzip.open(path, "rt") as f:
         events = json.load(f)["traceEvents"]
-    process = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
-    ops = [
-        (e["args"]["hlo_op"], e["dur"], process.get(e["pid"], "").startswith("/device:"))
-        for e in events
-        if e.get("ph") == "X"
-        and e.get("args", {}).get("hlo_module") == module
-        and "hlo_op" in e["args"]
-    ]
-    on_device = any(device for _, _, device in ops)
-    return [(name, dur) for name, dur, device in ops if device or not on_device]
+    process, thread = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            process[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[(e["pid"], e["tid"])] = e["args"]["name"]
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    device = [e for e in spans if process.get(e["pid"], "").startswith("/device:")]
+    line = lambda e: thread.get((e["pid"], e.get("tid")), "")
+    sources = (
+        ("XLA Ops line", [e for e in device if line(e) == "XLA Ops"]),
+        ("device streams", [e for e in device if line(e).startswith("Stream")]),
+        ("host thunks", [e for e in spans if e.get("args", {}).get("hlo_module") == module]),
+    )
+    for source, chosen in sources:
+        if chosen:
+            return [(e.get("args", {}).get("hlo_op", e["name"]), e["dur"]) for e in chosen], source
+    return [], "none"
 
 
 def breakdown(events, instructions, num_steps: int, top: int):
-    """Milliseconds per step by category, and the ``top`` costliest ops."""
-    per_category = collections.Counter()
-    per_op = collections.Counter()
+    """Milliseconds per step by category, of names that are no instruction of the program, and
+    the ``top`` costliest ops. Kernel names may spell an instruction's '.' and '-' as '_'."""
+    spelled = lambda name: name.lstrip("%").replace(".", "_").replace("-", "_")
+    aliases = {spelled(name): name for name in instructions}
+    per_category, per_op = collections.Counter(), collections.Counter()
+    unknown = 0.0
     for name, dur in events:
-        category = categorize(instructions.get(name))
-        if category is not None:
-            per_category[category] += dur / 1e3 / num_steps
-            per_op[(name, category)] += dur / 1e3 / num_steps
-    return per_category, per_op.most_common(top)
+        info = instructions.get(name) or instructions.get(aliases.get(spelled(name), ""))
+        category = categorize(info)
+        if category is None:
+            continue
+        ms = dur / 1e3 / num_steps
+        per_category[category] += ms
+        per_op[(name, category)] += ms
+        unknown += ms if info is None else 0.0
+    return per_category, unknown, per_op.most_common(top)
 
 
 def main(argv=None):
@@ -197,14 +216,15 @@ def main(argv=None):
     hlo = compiled.as_text()
     module = hlo.split(None, 2)[1].rstrip(",")  # "HloModule jit_train_step, ..."
     path = trace_file(args.logdir)
-    events = op_events(path, module)
+    events, source = op_events(path, module)
     if not events:
-        raise RuntimeError(f"no op events of {module} in {path}")
-    per_category, top_ops = breakdown(events, parse_hlo(hlo), args.steps, args.top)
+        raise RuntimeError(f"no op events in {path}")
+    per_category, unknown, top_ops = breakdown(events, parse_hlo(hlo), args.steps, args.top)
     total = sum(per_category.values())
 
     print(f"{module}: {args.steps} traced steps, batch {args.batch}, {args.dtype}")
-    print(f"wall {wall_ms:.2f} ms/step, summed op time {total:.2f} ms/step ({path})")
+    print(f"wall {wall_ms:.2f} ms/step, summed op time {total:.2f} ms/step ({source} of {path})")
+    print(f"  ({unknown:.3f} ms/step of events named after no instruction of the program)")
     for category in CATEGORIES:
         ms = per_category.get(category, 0.0)
         print(f"  {category:18s} {ms:10.3f} ms {100 * ms / total:6.1f} %")
@@ -221,6 +241,8 @@ def main(argv=None):
         compile_s=compile_s,
         wall_ms_per_step=wall_ms,
         op_ms_per_step=total,
+        events_from=source,
+        unknown_ms_per_step=unknown,
         ms_per_step={c: round(per_category.get(c, 0.0), 4) for c in CATEGORIES},
         share={c: round(per_category.get(c, 0.0) / total, 4) for c in CATEGORIES},
         top_ops=[[name, category, ms] for (name, category), ms in top_ops],

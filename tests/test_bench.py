@@ -4,6 +4,7 @@ The scripts run as subprocesses, side by side, with XLA's LLVM optimisation off 
 network's run is almost all compilation; its timings are meaningless anyway).
 """
 
+import gzip
 import importlib
 import json
 import os
@@ -172,3 +173,86 @@ def test_compare_runs_reads_event_files(tmp_path, capsys):
 @pytest.mark.parametrize("script", ["gpu.sh", "fetch_gpu_wheels.sh"])
 def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", os.path.join(REPO, "bench", script)], check=True)
+
+
+_GPU_LIKE_HLO = "\n".join(
+    [
+        "HloModule jit_train_step, is_scheduled=true",
+        "",
+        "%fused_computation.1 (param_0: f32[8]) -> f32[8] {",
+        "  %param_0 = f32[8]{0} parameter(0)",
+        "  ROOT %add.1 = f32[8]{0} add(%param_0, %param_0)",
+        "}",
+        "",
+        "%fused_computation.2 (param_0.1: f32[8]) -> f32[8] {",
+        "  %param_0.1 = f32[8]{0} parameter(0)",
+        "  ROOT %transpose.1 = f32[8]{0} transpose(%param_0.1), dimensions={0}",
+        "}",
+        "",
+        "ENTRY %main (p: f32[8]) -> (f32[8], u8[0]) {",
+        "  %p = f32[8]{0} parameter(0)",
+        "  %cudnn-conv.1 = (f32[8]{0}, u8[0]{0}) custom-call(%p),"
+        ' custom_call_target="__cudnn$convBackwardFilter",'
+        ' metadata={op_name="jit(train_step)/transpose(jvp(UNet))/conv_in/conv_general_dilated"}',
+        "  %loop_add_fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, calls=%fused_computation.1,"
+        ' metadata={op_name="jit(train_step)/jvp(UNet)/down_0_block_0/norm1/add"}',
+        "  %transpose_fusion = f32[8]{0} fusion(%loop_add_fusion.3), kind=kLoop,"
+        ' calls=%fused_computation.2, metadata={op_name="jit(train_step)/transpose(jvp(UNet))/x"}',
+        '  %multiply.2 = f32[8]{0} multiply(%p, %p), metadata={op_name="jit(train_step)/mul"}',
+        "  ROOT %tuple = (f32[8]{0}, u8[0]{0}) tuple(%multiply.2, %cudnn-conv.1)",
+        "}",
+    ]
+)
+
+
+def _gpu_like_trace(path, with_xla_ops_line):
+    """A trace as the profiler writes it for a GPU: the ops' kernels on a stream line (several
+    per op), the same ops once each on a derived "XLA Ops" line, the module on "XLA Modules"."""
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
+        {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Modules"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+    ]
+    kernels = [  # two kernels for the convolution; a fusion's kernel named after it
+        ("sm90_xmma_wgrad_a", {"hlo_op": "cudnn-conv.1"}, 30.0),
+        ("sm90_xmma_wgrad_b", {"hlo_op": "cudnn-conv.1"}, 10.0),
+        ("loop_add_fusion_3", {}, 5.0),
+        ("transpose_fusion", {"hlo_op": "transpose_fusion"}, 3.0),
+        ("multiply_2", {"hlo_op": "multiply.2"}, 2.0),
+        ("MemcpyD2D", {}, 1.0),
+    ]
+    events = [
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 0, "dur": dur, "name": name, "args": args}
+        for name, args, dur in kernels
+    ]
+    events.append({"ph": "X", "pid": 1, "tid": 9, "ts": 0, "dur": 60.0, "name": "jit_train_step"})
+    events.append({"ph": "X", "pid": 2, "tid": 3, "ts": 0, "dur": 99.0, "name": "PjitFunction"})
+    if with_xla_ops_line:
+        ops = [("cudnn-conv.1", 40.0), ("loop_add_fusion.3", 5.0), ("transpose_fusion", 3.0)]
+        ops.append(("multiply.2", 2.0))
+        events += [
+            {"ph": "X", "pid": 1, "tid": 8, "ts": 0, "dur": dur, "name": name} for name, dur in ops
+        ]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+
+
+@pytest.mark.parametrize("with_xla_ops_line", [True, False])
+def test_profile_breakdown_of_a_gpu_like_trace(tmp_path, monkeypatch, with_xla_ops_line):
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the import adds flags
+    profile_train = _import_bench("profile_train")
+    path = tmp_path / "host.trace.json.gz"
+    _gpu_like_trace(path, with_xla_ops_line)
+    events, source = profile_train.op_events(str(path), "jit_train_step")
+    assert source == ("XLA Ops line" if with_xla_ops_line else "device streams")
+    instructions = profile_train.parse_hlo(_GPU_LIKE_HLO)
+    per_category, unknown, top = profile_train.breakdown(events, instructions, 2, 1)
+    expected = {"conv_bwd": 20.0, "norm_elementwise": 2.5, "layout": 1.5, "optimizer_ema": 1.0}
+    if not with_xla_ops_line:
+        expected["other"] = 0.5  # the copy kernel, named after no instruction
+    # microseconds per step (2 steps)
+    assert {c: ms * 1e3 for c, ms in per_category.items()} == pytest.approx(expected)
+    assert unknown * 1e3 == pytest.approx(expected.get("other", 0.0))
+    assert top == [(("cudnn-conv.1", "conv_bwd"), pytest.approx(0.02))]
