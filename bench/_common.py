@@ -1,6 +1,7 @@
-"""Small helpers shared by the bench scripts: timing, JSON-line output, a matmul yardstick.
+"""Small helpers shared by the bench scripts: timing, JSON-line output, a matmul yardstick,
+FLOP counts, device peaks and memory.
 
-    from _common import emit, timed, time_compile, best_of, matmul_gflops
+    from _common import emit, timed, time_compile, best_of, matmul_gflops, xla_flops
 
 Bench scripts are run as `python bench/NAME.py`, so this module is imported by its bare name
 (the script's directory is on sys.path).
@@ -8,6 +9,7 @@ Bench scripts are run as `python bench/NAME.py`, so this module is imported by i
 
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -80,6 +82,69 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     dot = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
     best, _ = best_of(lambda: dot(a, b), repeats)
     return 2 * n**3 / best / 1e9
+
+
+# Dense tensor-core peaks per device in FLOP/s: (bfloat16, tf32), from NVIDIA's data sheets.
+# Matched against ``device.device_kind`` in this order (the first substring found wins).
+PEAK_FLOPS = {
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 495e12),  # SXM
+    "H200": (989e12, 495e12),
+    "A100": (312e12, 156e12),
+}
+
+
+def device_peak_flops(device, dtype: str) -> tuple[float | None, str | None]:
+    """``(FLOP/s, what it is)`` of ``device`` for ``dtype`` compute, or ``(None, None)``.
+
+    float32 convolutions and dots run at JAX's default precision, which XLA:GPU executes on
+    TF32 tensor cores (Ampere and later): their peak is the TF32 one.
+    """
+    for kind, (bf16, tf32) in PEAK_FLOPS.items():
+        if kind in device.device_kind:
+            name = "bf16" if dtype == "bfloat16" else "tf32"
+            return (bf16 if name == "bf16" else tf32), f"{kind} dense {name}"
+    return None, None
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of one run of a compiled program by XLA's cost analysis (per device for an SPMD
+    program), or None where the backend gives none. ``cost_analysis()`` returns a dict in
+    recent JAX and a list of one dict per program in older ones."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def program_mib(compiled) -> float | None:
+    """Device memory a compiled program needs by XLA's buffer assignment (arguments, outputs
+    and temporaries, donated buffers counted once), in MiB; None where unavailable."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    total = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+    return total / 2**20
+
+
+def peak_device_mib() -> float | None:
+    """Peak device memory in use by this process so far, in MiB (None on CPU, which keeps no
+    such count)."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2**20
+
+
+def peak_rss_mib() -> float:
+    """Peak resident host memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def fail(msg: str) -> None:

@@ -2,12 +2,14 @@
 
     python bench/sampler.py      # CIFAR-10 U-Net, batch 2, 1000 + 100 steps (slow on CPU)
     python bench/sampler.py --ch 32 --steps 100 --respaced_steps 20 --repeats 2   # quick run
+    python bench/sampler.py --batch 256 --dtype bfloat16 --repeats 1   # the GPU target
 
 For each sampler, the whole chain (``diffusion_jax.sampling.sample`` with the U-Net as
 ``model_fn``, inside an outer jit taking the parameters as an argument, as
-``train_step.make_sample_fn`` does) is timed against a Python loop dispatching the jitted bare
+``generate.make_generate_fn`` does) is timed against a Python loop dispatching the jitted bare
 forward of the same network at the same batch once per step (each output fed to the next call,
-blocking only at the end). ``ratio = scan_s / loop_s``; the target is <= 1.05. Samplers:
+blocking only at the end). ``ratio = scan_s / loop_s``; the target is <= 1.05;
+``samples_per_s = batch / scan_s``. Samplers:
 
   - ``ancestral``: ``--steps`` steps (1000 = the full DDPM chain; fewer: the 1000-step process
     respaced to that many);
@@ -19,7 +21,8 @@ without trajectory recording: the per-step cost of everything the sampler adds (
 mean/variance, noise, ``timestep_map`` gather, recording). Timed rounds alternate scan and
 loop so that load from other processes hits both alike; the best wall times, all wall times
 and the best CPU times (of all this process's threads: ``cpu_ratio`` is the steadier figure
-on a shared machine, where the wall time includes waiting for a core) are reported.
+on a shared machine, where the wall time includes waiting for a core) are reported, with the
+device's peak memory in use so far (None on CPU) and the host's.
 """
 
 import argparse
@@ -32,9 +35,16 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit, emit_env, time_compile, timed  # noqa: E402
+from _common import (  # noqa: E402
+    emit,
+    emit_env,
+    peak_device_mib,
+    peak_rss_mib,
+    time_compile,
+    timed,
+)
 
-from diffusion_jax import sampling, schedules  # noqa: E402
+from diffusion_jax import config_lib, sampling, schedules  # noqa: E402
 from diffusion_jax.models import UNet  # noqa: E402
 
 NUM_TIMESTEPS = 1000  # the trained process; shorter chains are respacings of it
@@ -90,6 +100,7 @@ def bench_network(args):
         ch_mult=args.ch_mult,
         num_res_blocks=args.num_res_blocks,
         num_groups=min(32, args.ch),
+        dtype=config_lib.COMPUTE_DTYPES[args.dtype],
     )
     shape = (args.batch, args.image_size, args.image_size, 3)
     key = jax.random.PRNGKey(0)
@@ -133,6 +144,8 @@ def bench_network(args):
             ch=args.ch,
             batch=args.batch,
             image_size=args.image_size,
+            dtype=args.dtype,
+            samples_per_s=args.batch / scan_s,
             scan_s=scan_s,
             loop_s=loop_s,
             ratio=scan_s / loop_s,
@@ -144,6 +157,8 @@ def bench_network(args):
             forward_ms=1e3 * loop_s / num_steps,
             compile_scan_s=scan_compile_s,
             compile_forward_s=forward_compile_s,
+            peak_device_mib=peak_device_mib(),
+            peak_rss_mib=peak_rss_mib(),
         )
 
 
@@ -187,6 +202,12 @@ def main(argv=None):
     parser.add_argument("--num_res_blocks", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=tuple(config_lib.COMPUTE_DTYPES),
+        help="the U-Net's compute dtype",
+    )
     parser.add_argument(
         "--steps",
         type=int,

@@ -1,27 +1,37 @@
-"""Train-step throughput of a config's model (default: DDPM CIFAR-10, 35.7M parameters).
+"""Train-step throughput, FLOPs and memory of a config's model (default: DDPM CIFAR-10, 35.7M
+parameters).
 
     python bench/train.py                     # batch 32, float32, 3 timed steps
-    python bench/train.py --batch 8 --steps 2 --ch 32           # quick run
+    python bench/train.py --dtype bfloat16 --batch 128 --steps 20      # the GPU target
+    python bench/train.py --dtype bfloat16 --batch 256 --max_batch 8192   # largest batch
     python bench/train.py --ch 16 --ch_mult 1 --num_res_blocks 1 --image_size 8 --batch 2
 
 Uses the training program's own pieces: ``sharding.make_mesh``,
 ``train_step.create_train_state`` and the jitted, donated ``train_step.make_train_step``, fed
-synthetic batches of the config's shape (no data set needed). Prints one JSON line with the
-state initialisation time, the compile time, the time to the first step (compile + one step),
-the best and mean images/s over the timed steps, and the peak host memory (maxrss) so far.
+synthetic batches of the config's shape (no data set needed). Prints JSON lines; the
+``train_step`` line holds the state initialisation time, the compile time, the time to the
+first step (compile + one step), the best and mean images/s over the timed steps, and:
 
-On a GPU (``jax.devices()[0].platform == "gpu"``) a second line follows: bfloat16 compute at
-``--gpu_batch`` with the model FLOPs utilisation ``images/s * --flops_per_image / --peak_flops``
-(37.3e9 FLOPs per image per step: 3x the 12.4 GFLOP forward of the DDPM CIFAR-10 network, so
-MFU is only reported for that network, i.e. without --ch/--ch_mult/--num_res_blocks/
---image_size overrides; 989e12 is the H100 SXM dense bf16 peak).
+  - ``xla_gflop_per_image``: FLOPs of the compiled step by XLA's cost analysis, summed over
+    devices, per image; for the DDPM CIFAR-10 network also ``paper_gflop_per_image`` (37.3:
+    3x the 12.4 GFLOP forward) and ``xla_over_paper``, their ratio;
+  - ``mfu``: achieved XLA FLOP/s per device over the device's peak (``peak`` says which: dense
+    bf16 for bfloat16 compute, dense TF32 for float32; ``--peak_tflops`` overrides, None where
+    unknown, e.g. on CPU); ``mfu_paper`` the same with the paper's FLOPs;
+  - ``program_mib``: device memory of the compiled step by XLA's buffer assignment;
+    ``peak_device_mib``: the device's peak bytes in use so far (None on CPU);
+    ``peak_rss_mib``: the peak host memory so far.
+
+With ``--max_batch N``, batches 2x, 4x, ... the first are tried up to N, each in a fresh state,
+until one fails with XLA's resource-exhausted (out of memory) error: a ``train_step`` line for
+each that ran, then a ``train_step_max_batch`` line with the largest. Only meant for devices
+whose memory XLA manages (GPU, TPU): on CPU the operating system kills the process instead.
 """
 
 import argparse
 import functools
 import importlib.util
 import os
-import resource
 import sys
 
 from diffusion_jax import xla_flags  # noqa: E402
@@ -32,107 +42,33 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit, time_compile, timed  # noqa: E402
+from _common import (  # noqa: E402
+    device_peak_flops,
+    emit,
+    emit_env,
+    peak_device_mib,
+    peak_rss_mib,
+    program_mib,
+    time_compile,
+    timed,
+    xla_flops,
+)
 
 from diffusion_jax import config_lib, sharding, train_step  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_PARAMS = 35_746_307  # the DDPM CIFAR-10 network, whose train step is 37.3 GFLOP/image
+PAPER_GFLOP_PER_IMAGE = 37.3
 
 
-def load_config(path: str, args):
-    """``get_config()`` of the file at ``path`` with the command-line overrides, validated."""
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.training.batch_size = args.batch
-    config.training.compute_dtype = args.dtype
-    for key, value in (
-        ("ch", args.ch),
-        ("ch_mult", args.ch_mult),
-        ("num_res_blocks", args.num_res_blocks),
-    ):
-        if value is not None:
-            config.model[key] = value
-    # GroupNorm(32) needs >= 32 channels; smaller smoke-run networks use ch groups.
-    config.model.num_groups = min(config.model.num_groups, config.model.ch)
-    if args.image_size is not None:
-        config.data.image_size = args.image_size
-    return config_lib.validate(
-        config, num_devices=jax.device_count(), process_count=jax.process_count()
-    )
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def bench_train_step(config, num_steps: int, num_classes: int) -> dict:
-    """Times init, compile and ``num_steps`` train steps after the first; returns the fields."""
-    data = config.data
-    image_shape = (data.image_size, data.image_size, data.channels)
-    mesh = sharding.make_mesh(config.training.fsdp)
-    model = config_lib.make_model(config, num_classes)
-    schedule = config_lib.make_schedule(config)
-    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
-    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
-
-    state, init_s = timed(
-        lambda: train_step.create_train_state(config, model, optimizer, image_shape, shardings)
-    )
-    num_params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
-    step_fn = train_step.make_train_step(
-        config, model, schedule, optimizer, lr_schedule, mesh, shardings
-    )
-
-    batch_size = config.training.batch_size
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, max(num_classes, 1), batch_size, dtype=np.int32)
-    batches = [
-        sharding.global_batch(
-            mesh,
-            {
-                "image": rng.uniform(-1, 1, (batch_size,) + image_shape).astype(np.float32),
-                "label": labels,
-            },
-        )
-        for _ in range(2)
-    ]
-    compiled, compile_s = time_compile(step_fn, state, batches[0])
-    (state, _), first_s = timed(lambda: compiled(state, batches[0]))
-    step_s = []
-    for i in range(num_steps):
-        (state, _), dt = timed(functools.partial(compiled, state, batches[(i + 1) % 2]))
-        step_s.append(dt)
-    return dict(
-        platform=jax.devices()[0].platform,
-        batch=batch_size,
-        dtype=config.training.compute_dtype,
-        ch=config.model.ch,
-        image_size=data.image_size,
-        params_m=num_params / 1e6,
-        steps=num_steps,
-        init_s=init_s,
-        compile_s=compile_s,
-        first_step_s=compile_s + first_s,
-        step_s=min(step_s),
-        step_s_all=step_s,
-        images_per_s=batch_size / min(step_s),
-        images_per_s_mean=batch_size * num_steps / sum(step_s),
-        peak_rss_mib=peak_rss_mib(),
-    )
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the config, its batch, compute dtype and (smaller) network."""
     parser.add_argument(
         "--config",
         default=os.path.join(REPO, "configs", "cifar10.py"),
         help="experiment config file (a get_config() module)",
     )
     parser.add_argument("--batch", type=int, default=32, help="global batch size")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument(
         "--dtype",
         default="float32",
@@ -150,39 +86,178 @@ def main(argv=None):
     parser.add_argument(
         "--num_classes", type=int, default=10, help="labels of a class-conditional config"
     )
-    parser.add_argument(
-        "--gpu_batch", type=int, default=128, help="batch of the bfloat16 run on a GPU; 0 skips it"
+
+
+def load_config(args, **training):
+    """``get_config()`` of ``args.config`` with the command-line overrides and the
+    ``training.*`` keys given, validated."""
+    spec = importlib.util.spec_from_file_location("bench_config", args.config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.training.batch_size = args.batch
+    config.training.compute_dtype = args.dtype
+    config.training.update(training)
+    for key, value in (
+        ("ch", args.ch),
+        ("ch_mult", args.ch_mult),
+        ("num_res_blocks", args.num_res_blocks),
+    ):
+        if value is not None:
+            config.model[key] = value
+    # GroupNorm(32) needs >= 32 channels; smaller smoke-run networks use ch groups.
+    config.model.num_groups = min(config.model.num_groups, config.model.ch)
+    if args.image_size is not None:
+        config.data.image_size = args.image_size
+    return config_lib.validate(
+        config, num_devices=jax.device_count(), process_count=jax.process_count()
     )
-    parser.add_argument("--flops_per_image", type=float, default=37.3e9)
+
+
+def build(config, num_classes: int, accumulate=None):
+    """``(state, jitted step, two synthetic batches, init seconds)`` of ``config``."""
+    data = config.data
+    image_shape = (data.image_size, data.image_size, data.channels)
+    mesh = sharding.make_mesh(config.training.fsdp)
+    model = config_lib.make_model(config, num_classes)
+    schedule = config_lib.make_schedule(config)
+    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+    state, init_s = timed(
+        lambda: train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+    )
+    step_fn = train_step.make_train_step(
+        config, model, schedule, optimizer, lr_schedule, mesh, shardings, accumulate=accumulate
+    )
+    batch_size = config.training.batch_size
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, max(num_classes, 1), batch_size, dtype=np.int32)
+    batches = [
+        sharding.global_batch(
+            mesh,
+            {
+                "image": rng.uniform(-1, 1, (batch_size,) + image_shape).astype(np.float32),
+                "label": labels,
+            },
+        )
+        for _ in range(2)
+    ]
+    return state, step_fn, batches, init_s
+
+
+def run_steps(compiled, state, batches, num_steps: int):
+    """``(state, seconds of the first step, seconds of each of the next num_steps)``."""
+    (state, _), first_s = timed(lambda: compiled(state, batches[0]))
+    step_s = []
+    for i in range(num_steps):
+        (state, _), dt = timed(functools.partial(compiled, state, batches[(i + 1) % 2]))
+        step_s.append(dt)
+    return state, first_s, step_s
+
+
+def bench_train_step(config, num_steps: int, num_classes: int, peak_tflops=None) -> dict:
+    """Times init, compile and ``num_steps`` train steps after the first; returns the fields."""
+    state, step_fn, batches, init_s = build(config, num_classes)
+    num_params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
+    compiled, compile_s = time_compile(step_fn, state, batches[0])
+    _, first_s, step_s = run_steps(compiled, state, batches, num_steps)
+
+    batch_size, dtype = config.training.batch_size, config.training.compute_dtype
+    num_devices = jax.device_count()
+    device = jax.devices()[0]
+    step_best = min(step_s)
+    flops = xla_flops(compiled)  # one device's share of the step
+    peak, peak_name = device_peak_flops(device, dtype)
+    if peak_tflops:
+        peak, peak_name = peak_tflops * 1e12, "--peak_tflops"
+    paper = PAPER_GFLOP_PER_IMAGE if num_params == PAPER_PARAMS else None
+    xla_per_image = None if flops is None else flops * num_devices / batch_size / 1e9
+    images_per_s = batch_size / step_best
+    return dict(
+        platform=device.platform,
+        device_kind=device.device_kind,
+        num_devices=num_devices,
+        batch=batch_size,
+        dtype=dtype,
+        ch=config.model.ch,
+        image_size=config.data.image_size,
+        params_m=num_params / 1e6,
+        steps=num_steps,
+        init_s=init_s,
+        compile_s=compile_s,
+        first_step_s=compile_s + first_s,
+        step_s=step_best,
+        step_s_all=step_s,
+        images_per_s=images_per_s,
+        images_per_s_mean=batch_size * num_steps / sum(step_s),
+        xla_gflop_per_image=xla_per_image,
+        paper_gflop_per_image=paper,
+        xla_over_paper=xla_per_image / paper if paper and xla_per_image else None,
+        xla_tflops_per_s=None if flops is None else flops * num_devices / step_best / 1e12,
+        peak_tflops_per_device=None if peak is None else peak / 1e12,
+        peak=peak_name,
+        mfu=flops / step_best / peak if peak and flops else None,
+        mfu_paper=paper * 1e9 * images_per_s / (peak * num_devices) if peak and paper else None,
+        program_mib=program_mib(compiled),
+        peak_device_mib=peak_device_mib(),
+        peak_rss_mib=peak_rss_mib(),
+    )
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """XLA's resource-exhausted error, raised by compilation or by an allocation."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
+def search_max_batch(args, first_batch: int) -> None:
+    """Doubles the batch from ``first_batch`` up to ``args.max_batch`` until it runs out of
+    memory; one line per batch that ran, then the largest."""
+    largest, stopped = first_batch, "reached --max_batch"
+    batch = 2 * first_batch
+    while batch <= args.max_batch:
+        try:
+            fields = bench_train_step(
+                load_config(args, batch_size=batch), args.steps, args.num_classes, args.peak_tflops
+            )
+        except jax.errors.JaxRuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            stopped = f"out of memory at batch {batch}: {str(e).splitlines()[0][:200]}"
+            break
+        emit(bench="train_step", config=os.path.relpath(args.config, REPO), **fields)
+        largest, batch = batch, 2 * batch
+    emit(
+        bench="train_step_max_batch",
+        dtype=args.dtype,
+        largest_batch=largest,
+        stopped=stopped,
+        peak_device_mib=peak_device_mib(),
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument(
-        "--peak_flops",
-        type=float,
-        default=989e12,
-        help="peak bf16 FLOP/s of the GPU (H100 SXM dense)",
+        "--max_batch",
+        type=int,
+        default=0,
+        help="then double the batch up to this until out of memory; 0: no search",
+    )
+    parser.add_argument(
+        "--peak_tflops", type=float, help="peak TFLOP/s of one device (default: by device kind)"
     )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
 
-    config = load_config(args.config, args)
-    fields = bench_train_step(config, args.steps, args.num_classes)
+    emit_env()
+    fields = bench_train_step(load_config(args), args.steps, args.num_classes, args.peak_tflops)
     emit(bench="train_step", config=os.path.relpath(args.config, REPO), **fields)
-
-    if jax.devices()[0].platform == "gpu" and args.gpu_batch:
-        args.batch, args.dtype = args.gpu_batch, "bfloat16"
-        fields = bench_train_step(load_config(args.config, args), args.steps, args.num_classes)
-        overridden = any(
-            getattr(args, k) is not None for k in ("ch", "ch_mult", "num_res_blocks", "image_size")
-        )
-        flops = fields["images_per_s"] * args.flops_per_image
-        mfu = None if overridden else flops / args.peak_flops
-        emit(
-            bench="train_step_gpu_bf16",
-            config=os.path.relpath(args.config, REPO),
-            mfu=mfu,
-            peak_flops=args.peak_flops,
-            **fields,
-        )
+    if args.max_batch:
+        search_max_batch(args, args.batch)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Smoke test of the bench scripts: tiny networks, their JSON lines parse and hold the fields.
 
-Both scripts run as subprocesses, side by side, with XLA's LLVM optimisation off (a tiny
+The scripts run as subprocesses, side by side, with XLA's LLVM optimisation off (a tiny
 network's run is almost all compilation; its timings are meaningless anyway).
 """
 
+import gzip
+import importlib
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -23,7 +27,17 @@ TINY = [
     "2",
 ]
 SAMPLER_ARGS = TINY + ["--steps", "3", "--respaced_steps", "2", "--repeats", "1", "--warmup", "0"]
-TRAIN_ARGS = TINY + ["--steps", "1"]
+TRAIN_ARGS = TINY + ["--steps", "1", "--max_batch", "4"]
+PROFILE_ARGS = TINY + ["--steps", "2", "--warmup", "1"]
+
+
+def _import_bench(name):
+    """A bench script as a module (the scripts import their siblings by bare name)."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def _start(script, args):
@@ -39,11 +53,11 @@ def _start(script, args):
 
 
 def _lines(proc):
-    """The process's JSON lines, grouped by their "bench" field."""
+    """The process's JSON lines (its other lines skipped), grouped by their "bench" field."""
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     lines = {}
-    for line in map(json.loads, out.splitlines()):
+    for line in map(json.loads, filter(lambda text: text.startswith("{"), out.splitlines())):
         lines.setdefault(line["bench"], []).append(line)
     return lines
 
@@ -53,9 +67,10 @@ def _assert_positive(line, keys):
         assert isinstance(line[key], (int, float)) and line[key] > 0, (key, line)
 
 
-def test_bench_scripts_print_json_lines():
+def test_bench_scripts_print_json_lines(tmp_path):
     sampler, train = _start("sampler.py", SAMPLER_ARGS), _start("train.py", TRAIN_ARGS)
-    sampler_lines, train_lines = _lines(sampler), _lines(train)
+    profile = _start("profile_train.py", PROFILE_ARGS + ["--logdir", str(tmp_path)])
+    sampler_lines, train_lines, profile_lines = _lines(sampler), _lines(train), _lines(profile)
 
     assert set(sampler_lines) == {
         "env",
@@ -72,21 +87,172 @@ def test_bench_scripts_print_json_lines():
         [line] = sampler_lines[f"sampler_{name}"]
         assert line["steps"] == steps
         _assert_positive(
-            line, ["scan_s", "loop_s", "ratio", "forward_ms", "compile_scan_s", "compile_forward_s"]
+            line,
+            [
+                "samples_per_s",
+                "scan_s",
+                "loop_s",
+                "ratio",
+                "forward_ms",
+                "compile_scan_s",
+                "compile_forward_s",
+                "peak_rss_mib",
+            ],
         )
+        assert line["peak_device_mib"] is None  # CPU
 
-    [line] = train_lines["train_step"]
-    assert (line["batch"], line["ch"], line["image_size"]) == (2, 16, 8)
-    _assert_positive(
-        line,
-        [
-            "images_per_s",
-            "images_per_s_mean",
-            "step_s",
-            "compile_s",
-            "first_step_s",
-            "init_s",
-            "peak_rss_mib",
-            "params_m",
-        ],
-    )
+    assert [line["batch"] for line in train_lines["train_step"]] == [2, 4]
+    for line in train_lines["train_step"]:
+        assert (line["ch"], line["image_size"], line["dtype"]) == (16, 8, "float32")
+        _assert_positive(
+            line,
+            [
+                "images_per_s",
+                "images_per_s_mean",
+                "step_s",
+                "compile_s",
+                "first_step_s",
+                "init_s",
+                "peak_rss_mib",
+                "params_m",
+                "xla_gflop_per_image",
+                "xla_tflops_per_s",
+                "program_mib",
+            ],
+        )
+        # Not the paper's network, and a CPU: no paper FLOPs, no peak, no MFU.
+        for key in ("paper_gflop_per_image", "peak", "mfu", "mfu_paper", "peak_device_mib"):
+            assert line[key] is None, key
+    [line] = train_lines["train_step_max_batch"]
+    assert (line["largest_batch"], line["stopped"]) == (4, "reached --max_batch")
+
+    [line] = profile_lines["profile_train"]
+    shares = line["share"]
+    assert abs(sum(shares.values()) - 1) < 1e-3, shares
+    # The tiny U-Net's convolutions, forward and backward, are found and named as such.
+    assert shares["conv_fwd"] > 0 and shares["conv_bwd"] > 0, shares
+    assert line["top_ops"] and line["trace"].startswith(str(tmp_path))
+
+
+def test_device_peaks_and_both_forms_of_cost_analysis():
+    _common = _import_bench("_common")
+
+    class Device:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    h100 = Device("NVIDIA H100 80GB HBM3")
+    assert _common.device_peak_flops(h100, "bfloat16") == (989e12, "H100 dense bf16")
+    assert _common.device_peak_flops(h100, "float32") == (495e12, "H100 dense tf32")
+    assert _common.device_peak_flops(Device("NVIDIA H100 PCIe"), "bfloat16")[0] == 756e12
+    assert _common.device_peak_flops(Device("cpu"), "bfloat16") == (None, None)
+
+    class Compiled:
+        def __init__(self, analysis):
+            self.cost_analysis = lambda: analysis
+
+    assert _common.xla_flops(Compiled({"flops": 6.0, "bytes accessed": 1.0})) == 6.0
+    assert _common.xla_flops(Compiled([{"flops": 6.0}])) == 6.0  # older JAX
+    assert _common.xla_flops(Compiled(None)) is None
+
+
+def test_compare_runs_reads_event_files(tmp_path, capsys):
+    from tensorboardX import SummaryWriter
+
+    compare_runs = _import_bench("compare_runs")
+    for name, scale in (("a", 1.0), ("b", 1.5)):
+        with SummaryWriter(str(tmp_path / name / "tensorboard")) as writer:
+            for step in (10, 20):
+                writer.add_scalar("train/loss", scale / step, step)
+    compare_runs.main([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"])
+    *table, last = capsys.readouterr().out.splitlines()
+    assert table[2].split() == ["10", "0.10000", "0.15000", "1.5000"]
+    assert json.loads(last)["last"] == {"a": 0.05, "b": 0.075}
+
+
+@pytest.mark.parametrize("script", ["gpu.sh", "fetch_gpu_wheels.sh"])
+def test_shell_scripts_parse(script):
+    subprocess.run(["bash", "-n", os.path.join(REPO, "bench", script)], check=True)
+
+
+_GPU_LIKE_HLO = "\n".join(
+    [
+        "HloModule jit_train_step, is_scheduled=true",
+        "",
+        "%fused_computation.1 (param_0: f32[8]) -> f32[8] {",
+        "  %param_0 = f32[8]{0} parameter(0)",
+        "  ROOT %add.1 = f32[8]{0} add(%param_0, %param_0)",
+        "}",
+        "",
+        "%fused_computation.2 (param_0.1: f32[8]) -> f32[8] {",
+        "  %param_0.1 = f32[8]{0} parameter(0)",
+        "  ROOT %transpose.1 = f32[8]{0} transpose(%param_0.1), dimensions={0}",
+        "}",
+        "",
+        "ENTRY %main (p: f32[8]) -> (f32[8], u8[0]) {",
+        "  %p = f32[8]{0} parameter(0)",
+        "  %cudnn-conv.1 = (f32[8]{0}, u8[0]{0}) custom-call(%p),"
+        ' custom_call_target="__cudnn$convBackwardFilter",'
+        ' metadata={op_name="jit(train_step)/transpose(jvp(UNet))/conv_in/conv_general_dilated"}',
+        "  %loop_add_fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, calls=%fused_computation.1,"
+        ' metadata={op_name="jit(train_step)/jvp(UNet)/down_0_block_0/norm1/add"}',
+        "  %transpose_fusion = f32[8]{0} fusion(%loop_add_fusion.3), kind=kLoop,"
+        ' calls=%fused_computation.2, metadata={op_name="jit(train_step)/transpose(jvp(UNet))/x"}',
+        '  %multiply.2 = f32[8]{0} multiply(%p, %p), metadata={op_name="jit(train_step)/mul"}',
+        "  ROOT %tuple = (f32[8]{0}, u8[0]{0}) tuple(%multiply.2, %cudnn-conv.1)",
+        "}",
+    ]
+)
+
+
+def _gpu_like_trace(path, with_xla_ops_line):
+    """A trace as the profiler writes it for a GPU: the ops' kernels on a stream line (several
+    per op), the same ops once each on a derived "XLA Ops" line, the module on "XLA Modules"."""
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
+        {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Modules"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+    ]
+    kernels = [  # two kernels for the convolution; a fusion's kernel named after it
+        ("sm90_xmma_wgrad_a", {"hlo_op": "cudnn-conv.1"}, 30.0),
+        ("sm90_xmma_wgrad_b", {"hlo_op": "cudnn-conv.1"}, 10.0),
+        ("loop_add_fusion_3", {}, 5.0),
+        ("transpose_fusion", {"hlo_op": "transpose_fusion"}, 3.0),
+        ("multiply_2", {"hlo_op": "multiply.2"}, 2.0),
+        ("MemcpyD2D", {}, 1.0),
+    ]
+    events = [
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 0, "dur": dur, "name": name, "args": args}
+        for name, args, dur in kernels
+    ]
+    events.append({"ph": "X", "pid": 1, "tid": 9, "ts": 0, "dur": 60.0, "name": "jit_train_step"})
+    events.append({"ph": "X", "pid": 2, "tid": 3, "ts": 0, "dur": 99.0, "name": "PjitFunction"})
+    if with_xla_ops_line:
+        ops = [("cudnn-conv.1", 40.0), ("loop_add_fusion.3", 5.0), ("transpose_fusion", 3.0)]
+        ops.append(("multiply.2", 2.0))
+        events += [
+            {"ph": "X", "pid": 1, "tid": 8, "ts": 0, "dur": dur, "name": name} for name, dur in ops
+        ]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+
+
+@pytest.mark.parametrize("with_xla_ops_line", [True, False])
+def test_profile_breakdown_of_a_gpu_like_trace(tmp_path, monkeypatch, with_xla_ops_line):
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the import adds flags
+    profile_train = _import_bench("profile_train")
+    path = tmp_path / "host.trace.json.gz"
+    _gpu_like_trace(path, with_xla_ops_line)
+    events, source = profile_train.op_events(str(path), "jit_train_step")
+    assert source == ("XLA Ops line" if with_xla_ops_line else "device streams")
+    instructions = profile_train.parse_hlo(_GPU_LIKE_HLO)
+    per_category, unknown, top = profile_train.breakdown(events, instructions, 2, 1)
+    expected = {"conv_bwd": 20.0, "norm_elementwise": 2.5, "layout": 1.5, "optimizer_ema": 1.0}
+    if not with_xla_ops_line:
+        expected["other"] = 0.5  # the copy kernel, named after no instruction
+    # microseconds per step (2 steps)
+    assert {c: ms * 1e3 for c, ms in per_category.items()} == pytest.approx(expected)
+    assert unknown * 1e3 == pytest.approx(expected.get("other", 0.0))
+    assert top == [(("cudnn-conv.1", "conv_bwd"), pytest.approx(0.02))]

@@ -727,3 +727,124 @@ def test_gradient_accumulation_matches_one_big_batch(reference, tmp_path):
             expected[key],
             accumulated[key],
         )
+
+
+def _one_step(config, accumulate=None):
+    """The state after one train step of ``config`` from its initial state, on this process's
+    devices, with ``make_train_step(accumulate=...)``."""
+    config = config_lib.validate(config)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    mesh = sharding.make_mesh()
+    model = config_lib.make_model(config)
+    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+    state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+    step = train_step.make_train_step(
+        config,
+        model,
+        config_lib.make_schedule(config),
+        optimizer,
+        lr_schedule,
+        mesh,
+        shardings,
+        accumulate=accumulate,
+    )
+    batch = next(
+        input_pipeline.create_train_iterator(
+            config.data, global_batch_size=config.training.batch_size, seed=0
+        )
+    )
+    state, _ = step(state, sharding.global_batch(mesh, batch))
+    return jax.device_get(state)
+
+
+def test_scan_and_loop_accumulation_match_one_big_batch(cache_dir):
+    """One step of 2 micro-batches, as a scan and as a loop, against 1 micro-batch. Importance
+    sampling over T=4 with 16 examples puts several examples on each t; the loss history
+    appends them in batch order, so it only matches if every example kept its own key and the
+    outputs were put back in batch order."""
+    overrides = {
+        "diffusion.schedule": "cosine",
+        "diffusion.num_timesteps": 4,
+        "diffusion.var_type": "learned_range",
+        "diffusion.loss_type": "hybrid",
+        "diffusion.timestep_sampling": "importance",
+    }
+    expected = _one_step(_tiny(**overrides))
+    for accumulate in ("scan", "loop"):
+        state = _one_step(_tiny(**overrides, **{"training.grad_accum_steps": 2}), accumulate)
+        for key in ("params", "ema_params", "loss_history"):
+            jax.tree_util.tree_map(
+                lambda a, b, msg=f"{accumulate} {key}": np.testing.assert_allclose(
+                    a, b, rtol=1e-5, atol=1e-7, err_msg=msg
+                ),
+                getattr(expected, key),
+                getattr(state, key),
+            )
+
+
+_HLO_OF_ACCUMULATION = """
+import json, sys
+from diffusion_jax import xla_flags
+xla_flags.configure(cpu_devices=4)
+import jax, ml_collections
+from diffusion_jax import config_lib, sharding, train_step
+
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+mesh = sharding.make_mesh()
+model = config_lib.make_model(config)
+optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+abstract, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+state = jax.tree_util.tree_map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+)
+batch_size = config.training.batch_size
+batch = {
+    "image": jax.ShapeDtypeStruct(
+        (batch_size,) + image_shape, "float32", sharding=sharding.batch_sharding(mesh)
+    ),
+    "label": jax.ShapeDtypeStruct((batch_size,), "int32", sharding=sharding.batch_sharding(mesh)),
+}
+counts = {}
+for accumulate, accum in (("scan", 2), ("scan", 4), ("loop", 4)):
+    config.training.grad_accum_steps = accum
+    step = train_step.make_train_step(
+        config, model, config_lib.make_schedule(config), optimizer, lr_schedule, mesh,
+        shardings, accumulate=accumulate,
+    )
+    hlo = step.lower(state, batch).compile().as_text()
+    ops = ("convolution", "all-to-all", "collective-permute", "all-gather", "all-reduce")
+    counts[f"{accumulate}{accum}"] = {op: hlo.count(f" {op}(") for op in ops}
+print(json.dumps(counts))
+"""
+
+
+def test_accumulation_program_on_four_devices():
+    """The compiled step on 4 CPU devices: the scan holds one copy of the network whatever the
+    number of micro-batches, the loop one per micro-batch; and taking the micro-batches moves
+    no example between devices (no all-to-all, permute or all-gather; the gradients' and
+    metrics' all-reduces remain)."""
+    config = _tiny().to_dict()
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+        JAX_PLATFORMS="cpu",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", _HLO_OF_ACCUMULATION, json.dumps(config)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=_SUBPROCESS_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    counts = json.loads(result.stdout)
+    convs = {name: c["convolution"] for name, c in counts.items()}
+    assert convs["scan2"] > 0
+    assert convs["scan2"] == convs["scan4"], convs
+    assert convs["loop4"] == 4 * convs["scan4"], convs
+    for name, c in counts.items():
+        assert c["all-to-all"] == c["collective-permute"] == c["all-gather"] == 0, (name, c)
+        assert c["all-reduce"] > 0, (name, c)
