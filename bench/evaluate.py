@@ -11,8 +11,8 @@ for ancestral sampling over all T steps (1000: the paper's chain) and respaced t
 evaluations per image).
 Then ``inception.features`` (randomly initialised FID Inception, 32x32 uint8 inputs resized to
 299x299 inside) at ``--inception_batch``. One JSON line each: compile seconds, the best of
-``--repeats`` timed calls, samples/s or images/s, and per network evaluation the time of a
-jitted bare forward pass for comparison (``ratio_to_forward``).
+``--repeats`` timed calls, samples/s or images/s. The samplers' overhead over bare forward
+passes is measured by ``bench/sampler.py`` (interleaved rounds, which a shared machine needs).
 """
 
 import argparse
@@ -56,16 +56,7 @@ def setup(config):
     return mesh, model, state.ema_params, shardings.ema_params
 
 
-def bare_forward_s(model, params, batch, repeats) -> float:
-    x = jax.random.normal(jax.random.PRNGKey(0), (batch, 32, 32, 3))
-    t = np.zeros((batch,), np.int32)
-    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, None, train=False))
-    compiled, _ = time_compile(forward, params, x, t)
-    best, _ = best_of(lambda: compiled(params, x, t), repeats)
-    return best
-
-
-def bench_sampler(args, name, num_steps, forward_s):
+def bench_sampler(args, name, num_steps):
     config = make_config(args, 0 if num_steps == args.steps else num_steps)
     mesh, model, params, param_sharding = setup(config)
     fn = generate.make_generate_fn(config, model, mesh, param_sharding, args.batch)
@@ -81,11 +72,10 @@ def bench_sampler(args, name, num_steps, forward_s):
         s=best,
         s_all=times,
         samples_per_s=args.batch / best,
-        ratio_to_forward=best / (num_steps * forward_s),
     )
 
 
-def bench_bpd(args, forward_s):
+def bench_bpd(args):
     config = make_config(args)
     mesh, model, params, param_sharding = setup(config)
     ctx = common.Context(
@@ -118,7 +108,6 @@ def bench_bpd(args, forward_s):
         s=best,
         s_all=times,
         images_per_s=args.batch / best,
-        ratio_to_forward=best / (args.steps * forward_s),
     )
 
 
@@ -152,15 +141,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
     emit_env()
-    config = make_config(args)
-    _, model, params, _ = setup(config)
-    forward_s = bare_forward_s(model, params, args.batch, max(3, args.repeats))
-    emit(bench="evaluate_bare_forward", batch=args.batch, ch=args.ch, s=forward_s)
-    bench_sampler(args, f"ancestral{args.steps}", args.steps, forward_s)
+    bench_sampler(args, f"ancestral{args.steps}", args.steps)
     if args.respaced_steps:
-        bench_sampler(args, f"respaced{args.respaced_steps}", args.respaced_steps, forward_s)
+        bench_sampler(args, f"respaced{args.respaced_steps}", args.respaced_steps)
     if not args.skip_bpd:
-        bench_bpd(args, forward_s)
+        bench_bpd(args)
     if args.inception_batch:
         bench_inception(args)
 

@@ -29,6 +29,7 @@ TINY = [
 SAMPLER_ARGS = TINY + ["--steps", "3", "--respaced_steps", "2", "--repeats", "1", "--warmup", "0"]
 TRAIN_ARGS = TINY + ["--steps", "1", "--max_batch", "4"]
 PROFILE_ARGS = TINY + ["--steps", "2", "--warmup", "1"]
+EVALUATE_ARGS = ["--ch", "16", "--steps", "21", "--respaced_steps", "3", "--inception_batch", "0"]
 
 
 def _import_bench(name):
@@ -70,7 +71,9 @@ def _assert_positive(line, keys):
 def test_bench_scripts_print_json_lines(tmp_path):
     sampler, train = _start("sampler.py", SAMPLER_ARGS), _start("train.py", TRAIN_ARGS)
     profile = _start("profile_train.py", PROFILE_ARGS + ["--logdir", str(tmp_path)])
+    evaluate = _start("evaluate.py", EVALUATE_ARGS)
     sampler_lines, train_lines, profile_lines = _lines(sampler), _lines(train), _lines(profile)
+    evaluate_lines = _lines(evaluate)
 
     assert set(sampler_lines) == {
         "env",
@@ -125,6 +128,20 @@ def test_bench_scripts_print_json_lines(tmp_path):
             assert line[key] is None, key
     [line] = train_lines["train_step_max_batch"]
     assert (line["largest_batch"], line["stopped"]) == (4, "reached --max_batch")
+
+    assert set(evaluate_lines) == {
+        "env",
+        "evaluate_sample_ancestral21",
+        "evaluate_sample_respaced3",
+        "evaluate_bpd",
+    }
+    for name in ("evaluate_sample_ancestral21", "evaluate_sample_respaced3"):
+        [line] = evaluate_lines[name]
+        assert line["batch"] == 2
+        _assert_positive(line, ["samples_per_s", "s", "compile_s"])
+    [line] = evaluate_lines["evaluate_bpd"]
+    assert line["num_timesteps"] == 21
+    _assert_positive(line, ["images_per_s", "s", "compile_s"])
 
     [line] = profile_lines["profile_train"]
     shares = line["share"]
