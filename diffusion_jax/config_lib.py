@@ -214,7 +214,13 @@ def load(workdir, overrides: dict | None = None) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
     config = config_defaults.get_config()
     _update(config, saved)
-    for key, value in (overrides or {}).items():
+    return apply_overrides(config, overrides or {})
+
+
+def apply_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets ``{"training.batch_size": 64, ...}`` (dotted keys, as on the command line) in
+    ``config``; returns it."""
+    for key, value in overrides.items():
         *groups, leaf = key.split(".")
         node = config
         for group in groups:

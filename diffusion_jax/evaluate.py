@@ -17,9 +17,7 @@ a one-line summary. Multi-host like training: the same command on every process.
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax import config_defaults, runtime
@@ -44,17 +42,10 @@ def main(argv):
     from diffusion_jax import checkpointing, config_lib, evaluators
 
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    try:
-        evaluators.evaluate(_WORKDIR.value, _MODE.value, _STEP.value, overrides)
-    except (
-        config_lib.ConfigError,
-        checkpointing.CheckpointError,
-        ValueError,
-        OSError,
-        ImportError,
-    ) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    runtime.run_or_exit(
+        lambda: evaluators.evaluate(_WORKDIR.value, _MODE.value, _STEP.value, overrides),
+        (config_lib.ConfigError, checkpointing.CheckpointError, ValueError, OSError, ImportError),
+    )
 
 
 if __name__ == "__main__":

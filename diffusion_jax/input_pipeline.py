@@ -213,6 +213,22 @@ class _LoadLocalBatch:
         return {"image": images, "label": labels}
 
 
+def _process_rows(global_batch_size: int, key: str, process_index, process_count) -> slice:
+    """This process's rows ``[p L, (p + 1) L)`` of a global batch, ``L = global / count``
+    (process index and count default to JAX's); ``key`` names the batch size in errors."""
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"{key}={global_batch_size} must be divisible by the number of processes "
+            f"({process_count})."
+        )
+    local = global_batch_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
+
+
 def create_train_iterator(
     data_config: ml_collections.ConfigDict,
     *,
@@ -243,17 +259,7 @@ def create_train_iterator(
       ValueError: the batch size is not divisible by process_count or exceeds
         the data set, or the data set's images do not match the config.
     """
-    if process_index is None:
-        process_index = jax.process_index()
-    if process_count is None:
-        process_count = jax.process_count()
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"training.batch_size={global_batch_size} must be divisible by the "
-            f"number of processes ({process_count})."
-        )
-    local_batch_size = global_batch_size // process_count
-
+    rows = _process_rows(global_batch_size, "training.batch_size", process_index, process_count)
     source = _open_source(data_config)
     first = source[0]["image"]
     _check_image(data_config, first.shape, first.dtype)
@@ -266,7 +272,6 @@ def create_train_iterator(
     indices = grain.MapDataset.range(len(source))
     if data_config.shuffle:
         indices = indices.shuffle(seed=seed)
-    rows = slice(process_index * local_batch_size, (process_index + 1) * local_batch_size)
     batches = (
         indices.batch(global_batch_size, drop_remainder=True)
         .repeat()
@@ -317,15 +322,7 @@ def eval_batches(
     shuffling or flipping; images are center-cropped/resized like the training data.
     ``start_batch`` skips that many global batches (to resume a long evaluation).
     """
-    if process_index is None:
-        process_index = jax.process_index()
-    if process_count is None:
-        process_count = jax.process_count()
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"eval.batch_size={global_batch_size} must be divisible by the number of "
-            f"processes ({process_count})."
-        )
+    rows = _process_rows(global_batch_size, "eval.batch_size", process_index, process_count)
     config = _with_split(data_config, split)
     source = _open_source(config)
     total = len(source) if num_examples is None else min(num_examples, len(source))
@@ -333,8 +330,6 @@ def eval_batches(
         raise ValueError(f"Split {split!r} of data set {data_config.name!r} has no examples")
     first = source[0]["image"]
     _check_image(config, first.shape, first.dtype)
-    local = global_batch_size // process_count
-    rows = slice(process_index * local, (process_index + 1) * local)
     load = _LoadLocalBatch(source, config, seed=0, rows=rows)
     for step in range(start_batch, -(-total // global_batch_size)):
         indices = np.arange(step * global_batch_size, (step + 1) * global_batch_size)

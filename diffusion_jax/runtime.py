@@ -81,3 +81,13 @@ def parse_flags(argv):
         except (ValueError, SyntaxError):
             pass
         sys.exit(f"error: bad command line: {' '.join(reason.split())}")
+
+
+def run_or_exit(fn, errors: tuple[type[BaseException], ...]):
+    """Returns ``fn()``; an exception of one of ``errors`` (bad input the user can fix) ends the
+    program with its message as one line, ``error: ...``, and exit status 1."""
+    try:
+        return fn()
+    except errors as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")

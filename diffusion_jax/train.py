@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -158,16 +157,10 @@ def main(argv):
     runtime.init_runtime()
     from diffusion_jax import checkpointing, config_lib
 
-    try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (
-        config_lib.ConfigError,
-        checkpointing.CheckpointError,
-        NonFiniteLossError,
-        ValueError,
-    ) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    runtime.run_or_exit(
+        lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value),
+        (config_lib.ConfigError, checkpointing.CheckpointError, NonFiniteLossError, ValueError),
+    )
 
 
 if __name__ == "__main__":

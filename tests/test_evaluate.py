@@ -9,7 +9,6 @@ network in the evaluator's own ``Context``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -27,6 +26,7 @@ from PIL import Image
 from diffusion_jax import checkpointing, config_lib, evaluators, input_pipeline, schedules, sharding
 from diffusion_jax.evaluators import bpd, common, figures
 from tests.closed_form import expected_bound_bpd, gaussian_eps_fn
+from tests.test_train import _config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -36,30 +36,22 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 def tiny_config(**overrides):
     """The digits config with a one-level U-Net and T = 50."""
-    spec = importlib.util.spec_from_file_location("digits", REPO / "configs" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    values = {
-        "model.ch": 32,
-        "model.ch_mult": (1,),
-        "model.attn_resolutions": (),
-        "model.num_res_blocks": 1,
-        "diffusion.num_timesteps": 50,
-        "training.batch_size": 16,
-        "training.num_steps": 2,
-        "training.checkpoint_every": 2,
-        "training.log_every": 1,
-        "training.sample_every": 0,
-        **overrides,
-    }
-    for key, value in values.items():
-        *groups, leaf = key.split(".")
-        node = config
-        for group in groups:
-            node = node[group]
-        node[leaf] = value
-    return config
+    return _config(
+        "digits",
+        **{
+            "model.ch": 32,
+            "model.ch_mult": (1,),
+            "model.attn_resolutions": (),
+            "model.num_res_blocks": 1,
+            "diffusion.num_timesteps": 50,
+            "training.batch_size": 16,
+            "training.num_steps": 2,
+            "training.checkpoint_every": 2,
+            "training.log_every": 1,
+            "training.sample_every": 0,
+            **overrides,
+        },
+    )
 
 
 class ExactGaussianModel:
@@ -395,7 +387,7 @@ def test_sample_directory_of_other_settings_is_not_mixed(trained_workdir, tmp_pa
     written = shard.read_bytes()
     with pytest.raises(
         ValueError,
-        match=r"holds samples made with sampling=.*'method': "
+        match=r"was made with sampling=.*'method': "
         r"'ancestral'.*delete it to start over",
     ):
         evaluators.evaluate(workdir, "sample", overrides={**overrides, "sampling.method": "ddim"})

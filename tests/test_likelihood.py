@@ -18,10 +18,10 @@ from scipy import stats
 
 from diffusion_jax import losses, sampling, schedules
 from diffusion_jax.schedules import Schedule
-from tests.closed_form import gaussian_eps_fn
+from tests.closed_form import GRID_8BIT, expected_bound_bpd, gaussian_eps_fn
 
 M, S = 0.1, 0.4
-GRID = np.arange(256) / 127.5 - 1
+GRID = GRID_8BIT
 
 
 def _data_pmf():
@@ -32,41 +32,7 @@ def _data_pmf():
 
 def _exact_expected_bound(betas, var_type):
     """Expected bound in bits/dim: (prior, decoder L_0, [L_1..L_{T-1}])."""
-    p = _data_pmf()
-    e1, e2 = (p * GRID).sum(), (p * GRID**2).sum()
-    abar = np.cumprod(1 - betas)
-    abar_prev = np.append(1.0, abar[:-1])
-    post_var = betas * (1 - abar_prev) / (1 - abar)
-    coef1 = betas * np.sqrt(abar_prev) / (1 - abar)
-    # The model's x0 prediction is a x_t + b (continuous-Gaussian posterior mean).
-    g = np.sqrt(1 - abar) / (abar * S**2 + 1 - abar)
-    a = np.sqrt(1 / abar) - np.sqrt(1 / abar - 1) * g
-    b = np.sqrt(1 / abar - 1) * g * np.sqrt(abar) * M
-    # E[(x0 - a x_t - b)^2] with x_t = sqrt(abar) x0 + sqrt(1 - abar) eps.
-    c = 1 - a * np.sqrt(abar)
-    err2 = c**2 * e2 - 2 * c * b * e1 + b**2 + a**2 * (1 - abar)
-    log_var_q = np.log(np.append(post_var[1], post_var[1:]))
-    model_var = post_var if var_type == "fixed_small" else np.append(post_var[1], betas[1:])
-    log_var_p = np.log(np.append(post_var[1], model_var[1:]))
-    kl = 0.5 * (
-        -1
-        + log_var_p
-        - log_var_q
-        + np.exp(log_var_q - log_var_p)
-        + coef1**2 * err2 / np.exp(log_var_p)
-    )
-    # Decoder: mean a_0 x_1 + b_0 (coef1[0] = 1, coef2[0] = 0), std exp(0.5 log_var_p[0]).
-    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
-    weights = weights / weights.sum()
-    x1 = np.sqrt(abar[0]) * GRID[:, None] + np.sqrt(1 - abar[0]) * nodes[None, :]
-    mean0, std0 = a[0] * x1 + b[0], np.exp(0.5 * log_var_p[0])
-    upper = np.where(GRID[:, None] > 0.999, np.inf, GRID[:, None] + 1 / 255)
-    lower = np.where(GRID[:, None] < -0.999, -np.inf, GRID[:, None] - 1 / 255)
-    bin_prob = stats.norm.cdf((upper - mean0) / std0) - stats.norm.cdf((lower - mean0) / std0)
-    # Far-out quadrature nodes (weights < 1e-30) can underflow the bin probability.
-    decoder = -(p[:, None] * weights[None, :] * np.log(np.maximum(bin_prob, 1e-300))).sum()
-    prior = 0.5 * (-1 - np.log(1 - abar[-1]) + (1 - abar[-1]) + abar[-1] * e2)
-    return prior / math.log(2), decoder / math.log(2), kl[1:] / math.log(2)
+    return expected_bound_bpd(betas, var_type, _data_pmf(), M, S)
 
 
 def _discrete_gaussian_data(key, n, d):

@@ -64,14 +64,7 @@ def _config(name="digits", **overrides) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in overrides.items():
-        *groups, leaf = key.split(".")
-        node = config
-        for group in groups:
-            node = node[group]
-        node[leaf] = value
-    return config
+    return config_lib.apply_overrides(module.get_config(), overrides)
 
 
 def _tiny(**overrides) -> ml_collections.ConfigDict:

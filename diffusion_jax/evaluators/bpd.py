@@ -79,15 +79,12 @@ def _load_partial(path, settings: dict, num_examples: int, num_timesteps: int) -
     with np.load(path) as saved:
         sums = {k: saved[k] for k in saved.files if k != "settings"}
         saved_settings = json.loads(str(saved["settings"]))
-    if saved_settings != settings:
-        changed = [k for k in settings if saved_settings.get(k) != settings[k]]
-        raise ValueError(
-            f"{path} holds partial sums made with "
-            + ", ".join(f"{k}={saved_settings.get(k)!r}" for k in changed)
-            + "; now "
-            + ", ".join(f"{k}={settings[k]!r}" for k in changed)
-            + ". Restore those settings to resume it, or delete it to start over."
-        )
+    common.check_same_settings(
+        path,
+        saved_settings,
+        settings,
+        "Restore those settings to resume these partial sums, or delete the file to start over.",
+    )
     return sums
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, config_lib, input_pipeline, sharding, train_step
+from diffusion_jax import checkpointing, config_lib, generate, input_pipeline, sharding, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +78,21 @@ def restore(config, workdir, step: int | None) -> Context:
 
 def example_keys(seed: int, indices) -> jax.Array:
     """``uint32 [N, 2]`` keys ``fold_in(PRNGKey(seed), i)`` of global example indices ``i``."""
-    root = jax.random.PRNGKey(seed)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, np.asarray(indices, np.uint32))
+    return generate.sample_keys(jax.random.PRNGKey(seed), np.asarray(indices, np.uint32))
+
+
+def check_same_settings(path, saved: dict, wanted: dict, remedy: str) -> None:
+    """Raises ValueError naming every key whose value in ``saved`` (what ``path`` was made
+    with) differs from ``wanted``, with both values and ``remedy``."""
+    changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    if changed:
+        raise ValueError(
+            f"{path} was made with "
+            + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+            + "; now "
+            + ", ".join(f"{k}={wanted[k]!r}" for k in changed)
+            + f". {remedy}"
+        )
 
 
 def write_atomically(path: pathlib.Path, write) -> None:

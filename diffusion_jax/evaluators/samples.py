@@ -46,16 +46,12 @@ def _check_meta(directory: pathlib.Path, meta: dict) -> None:
     path = directory / "meta.json"
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
-    changed = sorted(k for k in meta if saved.get(k) != meta[k])
-    if changed:
-        raise ValueError(
-            f"{directory} holds samples made with "
-            + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
-            + "; now "
-            + ", ".join(f"{k}={meta[k]!r}" for k in changed)
-            + ". Use another eval.sample_dir, or delete it to start over."
-        )
+    common.check_same_settings(
+        directory,
+        json.loads(path.read_text()),
+        meta,
+        "Use another eval.sample_dir, or delete it to start over.",
+    )
 
 
 def run(ctx: common.Context) -> dict:
