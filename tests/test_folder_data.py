@@ -272,3 +272,15 @@ def test_a_folder_has_one_split(folder):
     with pytest.raises(ValueError, match="no split 'test'; valid: train .* eval.split") as raised:
         input_pipeline.split_size(_config(folder), "test")
     assert "\n" not in str(raised.value)
+
+
+def test_reference_cache_name_tells_folders_apart(folder, tmp_path):
+    def name(path):
+        return input_pipeline.data_set_id(_config(path))
+
+    assert input_pipeline.data_set_id(_config(folder, name="digits")) == "digits"
+    assert name(folder) != name(folder / "red")
+    (tmp_path / "a.png").write_bytes((folder / _NOISE).read_bytes())
+    before = name(tmp_path)
+    (tmp_path / "b.png").write_bytes((folder / _NOISE).read_bytes())
+    assert name(tmp_path) != before and name(tmp_path).startswith("folder-")
