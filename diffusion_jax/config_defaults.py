@@ -13,7 +13,7 @@ def get_config():
     config.seed = 0
 
     config.data = data = ml_collections.ConfigDict()
-    data.name = "cifar10"  # "digits" (embedded, scikit-learn) or a TFDS name
+    data.name = "cifar10"  # "digits" (embedded, scikit-learn), "folder" (data.path) or a TFDS name
     data.split = "train"
     data.image_size = 32
     data.channels = 3
@@ -22,6 +22,7 @@ def get_config():
     data.num_workers = 0  # grain worker processes; 0 reads in the training process
     data.prefetch = 2  # batches buffered ahead
     data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    data.path = ""  # data.name "folder": directory of image files, labels from subdirectories
 
     config.model = model = ml_collections.ConfigDict()
     model.ch = 128

@@ -57,7 +57,7 @@ def _check_schema(config, schema, prefix=""):
 def _choice(config, path, valid):
     value = _get(config, path)
     if value not in valid:
-        raise ConfigError(f"Config key {path!r} is {value!r}; valid: {', '.join(valid)}")
+        raise ConfigError(f"Config key {path!r} is {value!r}; valid: {', '.join(map(str, valid))}")
 
 
 def _at_least(config, path, minimum):
@@ -84,6 +84,25 @@ def _get(config, path):
     return config
 
 
+def _check_folder(config):
+    """``data.path`` names the image folder of ``data.name`` "folder" and nothing else; whether
+    it exists and holds images is checked when the data is opened (it lists directories)."""
+    data = config.data
+    if data.name != "folder":
+        if data.path:
+            raise ConfigError(
+                f"Config key 'data.path' ({data.path!r}) is only read when 'data.name' is "
+                f"'folder', not {data.name!r}"
+            )
+        return
+    if not data.path:
+        raise ConfigError(
+            "Config key 'data.path' must name a directory of images for data.name 'folder'"
+        )
+    _choice(config, "data.split", ("train",))  # a folder is one split
+    _choice(config, "data.channels", (1, 3))
+
+
 def validate(
     config: ml_collections.ConfigDict, *, num_devices: int = 1, process_count: int = 1
 ) -> ml_collections.ConfigDict:
@@ -97,6 +116,7 @@ def validate(
     _choice(config, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS)
     _choice(config, "training.compute_dtype", tuple(COMPUTE_DTYPES))
     _choice(config, "sampling.method", sampling.SAMPLING_METHODS)
+    _check_folder(config)
     for path in (
         "diffusion.num_timesteps",
         "training.batch_size",

@@ -13,7 +13,8 @@ through the same feature network, sharded over every device of every process:
 
 Feature statistics accumulate in float64 per process and are merged across processes. The
 reference features are computed once and cached in ``eval.reference_dir`` under a name made of
-the data set, split, image shape and feature network.
+the data set (``input_pipeline.data_set_id``: a folder's names its path and files), split, image
+shape and feature network.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def reference_features(ctx: common.Context, net: FeatureNetwork, split: str):
     """``(features, stats)`` of a data split, from the cache or computed and cached."""
     data = ctx.config.data
     name = "-".join(
-        [data.name.replace("/", "_"), split, "x".join(map(str, ctx.image_shape)), net.name]
+        [input_pipeline.data_set_id(data), split, "x".join(map(str, ctx.image_shape)), net.name]
     )
     path = reference_dir(ctx) / f"{name}.npz"
     if path.exists():
