@@ -33,6 +33,9 @@ def get_config():
     model.resamp_with_conv = True
     model.num_groups = 32  # GroupNorm groups; every level's channels must be divisible by it
     model.class_conditional = False
+    # Classifier-free guidance training: each example's label is replaced by the null label
+    # with this probability, so one network learns p(x | y) and p(x). Needs class_conditional.
+    model.label_dropout = 0.0
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"

@@ -152,8 +152,19 @@ def validate(
         _at_least(config, path, 0)
     for path in ("optim.learning_rate", "optim.eps", "diffusion.min_snr_gamma", "diffusion.p2_k"):
         _positive(config, path)
-    for path in ("model.dropout", "optim.ema_decay", "optim.beta1", "optim.beta2"):
+    for path in (
+        "model.dropout",
+        "model.label_dropout",
+        "optim.ema_decay",
+        "optim.beta1",
+        "optim.beta2",
+    ):
         _fraction(config, path)
+    if config.model.label_dropout and not config.model.class_conditional:
+        raise ConfigError(
+            f"Config key 'model.label_dropout' ({config.model.label_dropout}) drops class labels: "
+            "it needs 'model.class_conditional' True"
+        )
     if config.sampling.num_steps > config.diffusion.num_timesteps:
         raise ConfigError(
             f"Config key 'sampling.num_steps' ({config.sampling.num_steps}) exceeds "

@@ -7,7 +7,9 @@ or processes share the batch, nor on gradient accumulation (with A micro-batches
 ``j`` holds examples ``{i * A + j}``, each with its own key). Dropout masks of micro-batch ``j``
 come from ``fold_in(dropout_root, j)`` over the whole micro-batch; JAX's partitionable threefry
 makes them sharding-invariant too, but gradient accumulation changes their shapes and hence
-their values.
+their values. With ``model.label_dropout`` p > 0, example ``i``'s label is replaced by the null
+label (``num_classes``) with probability p, drawn from the same example key (``drop_labels``),
+so which examples lose their label does not depend on devices or accumulation either.
 """
 
 from __future__ import annotations
@@ -121,6 +123,17 @@ def _draw_t(keys, num_timesteps, history):
     return t[:, 0], w[:, 0]
 
 
+def drop_labels(keys, labels, rate, null_label):
+    """Labels ``[B]`` with each replaced by ``null_label`` with probability ``rate``.
+
+    Example ``i``'s decision is a Bernoulli draw from ``split(keys[i], 3)[2]``: a stream of its
+    own key apart from the t and noise keys (``split(keys[i])``), so it depends on the example
+    (its global index) alone.
+    """
+    drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.split(k, 3)[2], rate))(keys)
+    return jnp.where(drop, null_label, labels)
+
+
 def make_train_step(
     config, model, schedule, optimizer, lr_schedule, mesh, state_sharding, *, accumulate=None
 ):
@@ -160,6 +173,9 @@ def make_train_step(
         vlb_weight=dcfg.vlb_weight,
     )
     conditional = model.num_classes is not None
+    label_dropout = config.model.label_dropout
+    if label_dropout and not conditional:
+        raise ValueError(f"label_dropout={label_dropout} needs a class-conditional model")
 
     def example_losses(params, micro, dropout_key, history):
         keys = micro["keys"]
@@ -169,6 +185,8 @@ def make_train_step(
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(noise_keys)
         x_t = diffusion.q_sample(schedule, x0, t, noise)
         y = micro["label"] if conditional else None
+        if label_dropout:
+            y = drop_labels(keys, y, label_dropout, model.num_classes)
         output = model.apply(
             {"params": params}, x_t, t, y, train=True, rngs={"dropout": dropout_key}
         )
