@@ -23,26 +23,67 @@ def gaussian_eps_fn(alphas_cumprod, mean, std):
     return eps_fn
 
 
-def mixture_eps_fn(alphas_cumprod, weights, means, stds):
-    """Optimal eps-predictor for a mixture of diagonal Gaussians.
-
-    weights ``[K]``; means, stds ``[K, D]``; x_t ``[B, D]``.
-    """
+def _mixture_terms(alphas_cumprod, weights, means, stds):
+    """``(x_t [B, D], t [B]) -> (log_joint [B, K], eps_k [B, K, D])``: ``log pi_k + log
+    N(x_t; sqrt(abar) m_k, abar s_k^2 + 1 - abar)`` and component k's optimal eps."""
     abar_all = jnp.asarray(alphas_cumprod, jnp.float32)
     log_w = jnp.log(jnp.asarray(weights, jnp.float32))
     means = jnp.asarray(means, jnp.float32)
     stds = jnp.asarray(stds, jnp.float32)
 
-    def eps_fn(x_t, t):
+    def terms(x_t, t):
         abar = abar_all[t][:, None, None]  # [B, 1, 1] against [B, K, D]
         var_t = abar * stds**2 + 1.0 - abar
         centered = x_t[:, None, :] - jnp.sqrt(abar) * means
         log_lik = -0.5 * jnp.sum(centered**2 / var_t + jnp.log(2 * jnp.pi * var_t), axis=-1)
-        resp = jax.nn.softmax(log_w + log_lik, axis=-1)  # [B, K]
-        eps_k = jnp.sqrt(1.0 - abar) * centered / var_t
+        return log_w + log_lik, jnp.sqrt(1.0 - abar) * centered / var_t
+
+    return terms
+
+
+def mixture_eps_fn(alphas_cumprod, weights, means, stds):
+    """Optimal eps-predictor for a mixture of diagonal Gaussians.
+
+    weights ``[K]``; means, stds ``[K, D]``; x_t ``[B, D]``.
+    """
+    terms = _mixture_terms(alphas_cumprod, weights, means, stds)
+
+    def eps_fn(x_t, t):
+        log_joint, eps_k = terms(x_t, t)
+        return jnp.einsum("bk,bkd->bd", jax.nn.softmax(log_joint, axis=-1), eps_k)
+
+    return eps_fn
+
+
+def class_conditional_eps_fn(alphas_cumprod, weights, means, stds):
+    """``(x_t, t, y) -> eps``: for a mixture with one component per class, the optimal
+    predictor of class ``y`` (component y's Gaussian one) and, for ``y == K`` (the null
+    label), the unconditional mixture's: one network that is both p(x | y) and p(x)."""
+    terms = _mixture_terms(alphas_cumprod, weights, means, stds)
+    num_classes = len(weights)
+
+    def eps_fn(x_t, t, y):
+        log_joint, eps_k = terms(x_t, t)
+        resp = jnp.where(
+            (y == num_classes)[:, None],
+            jax.nn.softmax(log_joint, axis=-1),
+            jax.nn.one_hot(y, num_classes),
+        )
         return jnp.einsum("bk,bkd->bd", resp, eps_k)
 
     return eps_fn
+
+
+def class_log_posterior_fn(alphas_cumprod, weights, means, stds):
+    """``(x_t, t, y) -> log p(y | x_t)`` ``[B]``: the exact noisy-data classifier of the
+    mixture, ``log_softmax_k(log pi_k + log N(x_t; sqrt(abar) m_k, abar s_k^2 + 1 - abar))``."""
+    terms = _mixture_terms(alphas_cumprod, weights, means, stds)
+
+    def log_prob_fn(x_t, t, y):
+        log_post = jax.nn.log_softmax(terms(x_t, t)[0], axis=-1)
+        return jnp.take_along_axis(log_post, y[:, None], axis=-1)[:, 0]
+
+    return log_prob_fn
 
 
 def ancestral_moments(betas, mean, std, *, var_type, num_steps=None):
