@@ -40,11 +40,11 @@ def check_labels(labels, num_classes: int | None):
     return labels
 
 
-def _check_scale(scale, labels, name):
+def _check_scale(scale, labels):
     scale = jnp.asarray(scale, jnp.float32)
     if scale.ndim and scale.shape != labels.shape:
         raise ValueError(
-            f"{name} must be a scalar or one per label {labels.shape}, got {scale.shape}"
+            f"scale must be a scalar or one per label {labels.shape}, got {scale.shape}"
         )
     return scale
 
@@ -81,7 +81,7 @@ def classifier_free(model_fn, labels, scale, *, null_label: int, var_type: str =
         )
     check_option("var_type", var_type, diffusion.VAR_TYPES)
     labels = check_labels(labels, null_label)
-    scale = _check_scale(scale, labels, "scale")
+    scale = _check_scale(scale, labels)
     nulls = jnp.full_like(labels, null_label)
 
     def guided_fn(x_t, t):
@@ -131,7 +131,7 @@ def classifier(
     check_option("mean_type", mean_type, diffusion.MEAN_TYPES)
     check_option("var_type", var_type, diffusion.VAR_TYPES)
     labels = check_labels(labels, num_classes)
-    scale = _check_scale(scale, labels, "scale")
+    scale = _check_scale(scale, labels)
     grad_log_prob = jax.grad(lambda x, t: jnp.sum(log_prob_fn(x, t, labels)))
 
     def guided_fn(x_t, t):
