@@ -15,7 +15,6 @@ from absl import app, flags
 
 from diffusion_jax import runtime
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
 GLOBAL_BATCH = 4
 
 
@@ -38,7 +37,7 @@ def main(argv):
     runtime.init_runtime()
     from diffusion_jax import datasets, input_pipeline
 
-    config = data_config(_DATA_DIR.value)
+    config = data_config(flags.FLAGS.data_dir)
     try:
         iterator = input_pipeline.create_train_iterator(
             config, global_batch_size=GLOBAL_BATCH, seed=0
@@ -49,4 +48,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, so that importing this module (as the test does) defines no flag.
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
     app.run(main, flags_parser=runtime.parse_flags)
