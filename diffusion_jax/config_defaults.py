@@ -21,7 +21,10 @@ def get_config():
     data.shuffle = True
     data.num_workers = 0  # grain worker processes; 0 reads in the training process
     data.prefetch = 2  # batches buffered ahead
+    # TFDS data sets live in data_dir (None: $TFDS_DATA_DIR or ~/tensorflow_datasets); one
+    # missing there is downloaded and prepared by the first run, unless download is False.
     data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    data.download = True
     data.path = ""  # data.name "folder": directory of image files, labels from subdirectories
 
     config.model = model = ml_collections.ConfigDict()

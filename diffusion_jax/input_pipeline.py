@@ -270,7 +270,11 @@ def _is_resizable(name: str) -> bool:
 
 
 def _open_source(data_config: ml_collections.ConfigDict):
-    """Returns a random-access source of {"image": uint8 [h, w, c], ...}."""
+    """Returns a random-access source of {"image": uint8 [h, w, c], ...}.
+
+    A TFDS data set missing from ``data_dir`` is prepared first (by process 0 of the run; see
+    ``diffusion_jax.datasets``), so every process must call this.
+    """
     if data_config.name == "digits":
         return DigitsSource(data_config.split)
     if data_config.name == "folder":
@@ -279,10 +283,14 @@ def _open_source(data_config: ml_collections.ConfigDict):
         )
     import tensorflow_datasets as tfds
 
+    from diffusion_jax import datasets
+
+    datasets.ensure_prepared(data_config)
     return tfds.data_source(
         data_config.name,
         split=data_config.split,
         data_dir=data_config.get("data_dir"),
+        download=False,
     )
 
 
@@ -448,7 +456,8 @@ def create_train_iterator(
     Args:
       data_config: ConfigDict with name, split, image_size, channels,
         random_flip, shuffle, num_workers (0 = in-process), prefetch (batches
-        buffered per process), data_dir (optional).
+        buffered per process), data_dir (optional), download (optional: whether a TFDS
+        data set missing from data_dir may be prepared).
       global_batch_size: batch size summed over all processes.
       seed: data seed (shuffle order and flips).
       process_index: this process; defaults to `jax.process_index()`.
