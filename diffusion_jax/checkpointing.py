@@ -7,16 +7,22 @@ complete, so a run killed in the middle of a save restarts from the previous one
 half-written ``<step>.orbax-checkpoint-tmp`` directory such a kill leaves is deleted when the
 next run starts (it would otherwise stay forever when no later save reuses that step, as after a
 stop-signal save cut short by SIGKILL).
+
+Each checkpoint also records the config it was trained with (``saved_config``), which the
+training program compares with its own before resuming and the evaluation program uses.
+``workdir`` may be any ``etils.epath`` path: local, or ``gs://...`` (orbax writes the arrays
+with TensorStore's GCS driver).
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import signal
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from diffusion_jax import input_pipeline
 
@@ -25,12 +31,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored; nothing is deleted."""
 
 
+def absolute(path) -> epath.Path:
+    """``path`` as an ``epath.Path``: a local one made absolute (orbax needs that), a URI such as
+    ``gs://bucket/dir`` as it is (``absolute()`` would turn it into a local path)."""
+    path = epath.Path(path)
+    return path if "://" in os.fspath(path) else path.absolute()
+
+
 class Checkpointer:
-    """Saves ``{"state": train state, "data": iterator position}`` under ``workdir/checkpoints``."""
+    """Saves ``{"state": train state, "data": iterator position, "config": the config as JSON}``
+    under ``workdir/checkpoints``."""
 
     def __init__(self, workdir, *, keep: int = 1, async_save: bool = True, read_only=False):
         """``read_only``: for evaluation; creates, cleans up and deletes nothing."""
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = absolute(workdir) / "checkpoints"
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -40,21 +54,38 @@ class Checkpointer:
                 enable_async_checkpointing=async_save and not read_only,
                 read_only=read_only,
             ),
-            item_names=("state", "data"),
+            item_names=("state", "data", "config"),
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    def save(self, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=input_pipeline.iterator_checkpoint_args(data_iterator, restore=False),
+                config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
             ),
             force=force,
         )
+
+    def saved_config(self, step: int) -> dict | None:
+        """The config checkpoint ``step`` was trained with (nested dicts, as ``save`` got it);
+        None for a checkpoint saved before checkpoints recorded it."""
+        if not (self.directory / str(step) / "config").exists():
+            return None
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            )
+        except Exception as e:  # orbax raises many types; all mean "this one is unusable"
+            raise CheckpointError(
+                f"Cannot read the config of checkpoint {step} in {self.directory}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        return restored["config"]
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores the state onto the shardings of ``abstract_state`` (any device count) and
@@ -78,20 +109,24 @@ class Checkpointer:
             ) from e
         return restored["state"]
 
-    def restore_ema_params(self, step: int | None, abstract_ema_params):
-        """``(ema_params, step)`` of checkpoint ``step`` (None: the latest), laid out as
-        ``abstract_ema_params`` (ShapeDtypeStructs with shardings). Reads neither the rest of
-        the train state nor the data iterator's position."""
+    def step_to_evaluate(self, step: int | None) -> int:
+        """``step`` if it has a checkpoint (None: the latest); else a CheckpointError."""
         steps = self._manager.all_steps()
         if not steps:
             raise CheckpointError(f"No checkpoint in {self.directory}: nothing to evaluate")
         if step is None:
-            step = max(steps)
-        elif step not in steps:
+            return max(steps)
+        if step not in steps:
             raise CheckpointError(
                 f"No checkpoint of step {step} in {self.directory}; available steps: "
                 f"{', '.join(map(str, sorted(steps)))}"
             )
+        return step
+
+    def restore_ema_params(self, step: int, abstract_ema_params):
+        """The EMA parameters of checkpoint ``step``, laid out as ``abstract_ema_params``
+        (ShapeDtypeStructs with shardings). Reads neither the rest of the train state nor the
+        data iterator's position."""
         item = {"ema_params": abstract_ema_params}
         partial = ocp.args.PyTreeRestore(
             item,
@@ -105,7 +140,7 @@ class Checkpointer:
                 f"Cannot restore the EMA parameters of checkpoint {step} in {self.directory}: "
                 f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             ) from e
-        return restored["state"]["ema_params"], step
+        return restored["state"]["ema_params"]
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once a preemption notice (SIGTERM under jax.distributed's
@@ -119,7 +154,7 @@ class Checkpointer:
         self._manager.close()
 
 
-def _restore_position_saved_by_other_processes(data_dir: pathlib.Path, data_iterator):
+def _restore_position_saved_by_other_processes(data_dir: epath.Path, data_iterator):
     """Moves ``data_iterator`` to the position saved by a run with another process count.
 
     Every process iterates over the same sequence of global batches (it only keeps its own rows

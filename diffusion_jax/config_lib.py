@@ -8,10 +8,10 @@ range; errors name the key (``training.batch_size``) and what would be valid.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from diffusion_jax import config_defaults, diffusion, losses, sampling, schedules
 from diffusion_jax.models import UNet
@@ -228,13 +228,14 @@ def validate(
 
 
 def load(workdir, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """The config a run in ``workdir`` was trained with (its ``config.json``).
+    """The config of the first run in ``workdir`` (its ``config.json``, never overwritten; each
+    checkpoint records the config of the run that saved it: ``Checkpointer.saved_config``).
 
     Applied on top of today's defaults, so keys added since the run keep their defaults; then
     ``overrides`` (``{"eval.num_samples": 1000}``, dotted keys) are set. Not validated.
     """
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.is_file():
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         raise ConfigError(
             f"No config.json in {workdir}: not a training workdir (python -m diffusion_jax.train "
             "writes it)"
@@ -243,8 +244,16 @@ def load(workdir, overrides: dict | None = None) -> ml_collections.ConfigDict:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    return from_dict(saved, overrides, source=str(path))
+
+
+def from_dict(
+    values: dict, overrides: dict | None = None, *, source: str
+) -> ml_collections.ConfigDict:
+    """Today's defaults updated with ``values`` (a saved config as nested dicts, from
+    ``source``), then with ``overrides`` (dotted keys). Not validated."""
     config = config_defaults.get_config()
-    _update(config, saved)
+    _update(config, values, source)
     return apply_overrides(config, overrides or {})
 
 
@@ -260,17 +269,94 @@ def apply_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
     return config
 
 
-def _update(config, values: dict, prefix: str = ""):
+def _update(config, values: dict, source: str, prefix: str = ""):
     for key, value in values.items():
         path = f"{prefix}{key}"
         if key not in config:
-            raise ConfigError(f"Unknown config key {path!r} in config.json")
+            raise ConfigError(f"Unknown config key {path!r} in {source}")
         if isinstance(value, dict):
-            _update(config[key], value, f"{path}.")
+            _update(config[key], value, source, f"{path}.")
         elif isinstance(config[key], tuple) and isinstance(value, list):
             config[key] = tuple(value)
         else:
             config[key] = value
+
+
+# What a resumed run may change (a group covers all its keys): how long to train, what it shows
+# and saves, how the work is laid out, the optimiser from the restored step on, data access.
+RESUME_SAFE_KEYS = (
+    "training.num_steps",
+    "training.log_every",
+    "training.checkpoint_every",
+    "training.keep_checkpoints",
+    "training.sample_every",
+    "training.grad_accum_steps",
+    "training.fsdp",
+    "optim",
+    "sampling",
+    "eval",
+    "data.prefetch",
+    "data.data_dir",
+)
+
+
+def check_resume(recorded, config, what: str) -> list[str]:
+    """Refuses to continue ``what`` (a checkpoint trained with ``recorded``) with ``config`` when
+    a key outside ``RESUME_SAFE_KEYS`` changed: raises one ``ConfigError`` naming every such
+    key with both values. Returns the allowed changes, ``"key old -> new"``.
+
+    Refused, because the resumed run would silently train on other data, other noise or another
+    model than the checkpoint: ``seed`` (data order, flips, noise, dropout); ``data.name``,
+    ``split``, ``image_size``, ``channels``, ``shuffle``, ``random_flip`` (the data) and
+    ``num_workers`` (the saved data position is specific to it); ``training.batch_size`` (data
+    order and the examples' noise, keyed by global index); ``training.compute_dtype`` (the
+    network's arithmetic); every ``model.*`` key (the network) and every ``diffusion.*`` key
+    (process, parameterisation, loss). A key added to the config later is refused until it is
+    listed as safe.
+
+    Allowed: ``grad_accum_steps`` and ``fsdp`` give the same updates up to rounding; ``optim.*``
+    changes the updates from here on, a deliberate choice (e.g. a lower learning rate) recorded
+    in the resumed run's config; the rest only changes what is logged, saved or evaluated, or
+    how the same data are read.
+    """
+    changes = differences(recorded, config)
+    unsafe = [k for k in changes if not _resume_safe(k)]
+    if unsafe:
+        raise ConfigError(
+            f"Cannot resume {what} with a changed config: "
+            + ", ".join(_change(k, changes[k]) for k in unsafe)
+            + ". Use a new --workdir, or restore these values."
+        )
+    return [_change(k, values) for k, values in changes.items()]
+
+
+def differences(old, new) -> dict[str, tuple]:
+    """``{dotted key: (old value, new value)}`` of every key whose value differs, sorted."""
+    old, new = _flat(old), _flat(new)
+    return {key: (old[key], new[key]) for key in sorted(new) if old[key] != new[key]}
+
+
+def _change(key: str, values: tuple) -> str:
+    return f"{key} {values[0]!r} -> {values[1]!r}"
+
+
+def _resume_safe(key: str) -> bool:
+    return any(key == safe or key.startswith(f"{safe}.") for safe in RESUME_SAFE_KEYS)
+
+
+def _flat(config) -> dict:
+    """``{dotted key: value}`` of ``config`` in its JSON form (tuples as lists)."""
+    flat = {}
+
+    def visit(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                visit(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    visit(json.loads(config.to_json_best_effort()), "")
+    return flat
 
 
 def make_schedule(config) -> schedules.Schedule:

@@ -20,16 +20,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
-import os
-import pathlib
-import tempfile
+import uuid
 import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from diffusion_jax import input_pipeline, metrics
 
@@ -135,17 +135,18 @@ def train(seed: int = 0, *, recipe: Recipe = RECIPE) -> Params:
     return jax.tree_util.tree_map(np.asarray, params)
 
 
-def _save(params: Params, path: pathlib.Path) -> None:
+def _save(params: Params, path: epath.Path) -> None:
     arrays = {f"{i}_{name}": v for i, layer in enumerate(params) for name, v in layer.items()}
+    npz = io.BytesIO()
+    np.savez(npz, **arrays)
     # Write then rename: concurrent evaluations never read a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(npz.getvalue())
+    tmp.replace(path)
 
 
-def _load(path: pathlib.Path) -> Params:
-    with np.load(path, allow_pickle=False) as data:
+def _load(path: epath.Path) -> Params:
+    with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
         num_layers = len(data.files) // 2
         params = [{"w": data[f"{i}_w"], "b": data[f"{i}_b"]} for i in range(num_layers)]
     if num_layers < 2 or len(data.files) != 2 * num_layers:
@@ -153,9 +154,9 @@ def _load(path: pathlib.Path) -> Params:
     return params
 
 
-def cache_path(cache_dir, *, seed: int = 0, recipe: Recipe = RECIPE) -> pathlib.Path:
+def cache_path(cache_dir, *, seed: int = 0, recipe: Recipe = RECIPE) -> epath.Path:
     """Where ``load_or_train`` keeps the parameters of (seed, recipe) under ``cache_dir``."""
-    return pathlib.Path(cache_dir) / f"digits_classifier_{recipe_key(recipe, seed)}.npz"
+    return epath.Path(cache_dir) / f"digits_classifier_{recipe_key(recipe, seed)}.npz"
 
 
 def load_or_train(cache_dir=None, *, seed: int = 0, recipe: Recipe = RECIPE) -> Params:

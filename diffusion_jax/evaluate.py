@@ -2,8 +2,9 @@
 
 ``python -m diffusion_jax.evaluate --workdir=DIR --mode=MODE [--step=N] [--config.eval.KEY=V]``
 
-Reads ``DIR/config.json`` (the run's config; ``--config.*`` flags override keys of it), restores
-the EMA parameters of the latest checkpoint (or ``--step``) and runs one mode:
+Takes the config the latest checkpoint (or ``--step``) was trained with (recorded in it;
+``--config.*`` flags override keys of it), restores that checkpoint's EMA parameters and runs
+one mode:
 
   - ``bpd``: the variational bound in bits/dim over ``eval.split`` (resumable);
   - ``sample``: ``eval.num_samples`` samples as uint8 ``.npz`` shards plus a grid (resumable);
@@ -23,13 +24,13 @@ from ml_collections import config_flags
 from diffusion_jax import config_defaults, runtime
 from diffusion_jax.evaluators import MODES
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (with config.json).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (local or gs://...).")
 _MODE = flags.DEFINE_enum("mode", None, list(MODES), "What to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 _CONFIG = config_flags.DEFINE_config_dict(
     "config",
     config_defaults.get_config(),
-    "Overrides of the run's config.json, e.g. --config.eval.num_samples=1000.",
+    "Overrides of the checkpoint's config, e.g. --config.eval.num_samples=1000.",
 )
 
 

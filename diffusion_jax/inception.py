@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -331,15 +332,16 @@ def _one_line(e: BaseException) -> str:
 def _read_state_dict(path) -> Mapping:
     """The raw state dict in a pytorch-fid ``.pth`` or a converted ``.npz`` (by extension)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    file = epath.Path(path)
+    if not file.exists() or file.is_dir():
         raise WeightsNotFoundError(
             f"no Inception weights at {path!r}: download {FID_WEIGHTS_URL} "
             f"(and, to load without torch, {_CONVERT_HINT})"
         )
     if path.endswith(".npz"):
         try:
-            with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in f.files}
+            with file.open("rb") as f, np.load(f, allow_pickle=False) as arrays:
+                return {k: arrays[k] for k in arrays.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"{path}: not a readable .npz file ({_one_line(e)})") from None
     try:
@@ -350,7 +352,8 @@ def _read_state_dict(path) -> Mapping:
             f"or convert it to .npz where torch is installed: {_CONVERT_HINT}"
         ) from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with file.open("rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...)
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_one_line(e)})") from None
     if not isinstance(state, Mapping):

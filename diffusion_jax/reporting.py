@@ -1,16 +1,19 @@
 """What a run shows: a progress line, TensorBoard scalars and image grids as PNG.
 
 Only process 0 writes; the other processes get no-op writers, so callers need no branches.
+Files go through ``etils.epath``, so the workdir may be local or ``gs://...``.
 """
 
 from __future__ import annotations
 
 import datetime
-import pathlib
+import io
+import os
 import time
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
 
@@ -36,25 +39,61 @@ def save_png(path, images: np.ndarray, *, scale: int = 1, cols: int | None = Non
     grid = image_grid(images, cols)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    path = pathlib.Path(path)
+    png = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="PNG")
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    path.write_bytes(png.getvalue())
     return path
+
+
+class _EventFile:
+    """A TensorBoard event file at a URI (``gs://...``), written through ``etils.epath``. An
+    object cannot be appended to, so every flush rewrites it with all events so far: TensorBoard
+    shows the run while it trains. (tensorboardX's own ``gs://`` and ``s3://`` writers do the
+    same, through google-cloud-storage and boto3.)"""
+
+    def __init__(self, path):
+        self._path = epath.Path(path)
+        self._events = io.BytesIO()
+
+    def write(self, data: bytes):
+        self._events.write(data)
+
+    def flush(self):
+        self._path.write_bytes(self._events.getvalue())
+
+    def close(self):
+        self.flush()
+
+
+class _EventFiles:
+    """tensorboardX's writer factory for a URI scheme: event files through ``etils.epath``."""
+
+    def open(self, path):
+        return _EventFile(path)
+
+    def directory_check(self, path):
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
 class Reporter:
     """Progress lines, TensorBoard scalars and sample grids of one run (process 0 only)."""
 
     def __init__(self, workdir, *, total_steps: int, batch_size: int, active: bool):
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = epath.Path(workdir)
         self.total_steps = total_steps
         self.batch_size = batch_size
         self.active = active
         self._writer = None
         if active:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter, record_writer
 
-            self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
+            logdir = os.fspath(self.workdir / "tensorboard")
+            if "://" in logdir:
+                scheme = logdir.split("://")[0]
+                record_writer.register_writer_factory(scheme, _EventFiles())
+            self._writer = SummaryWriter(logdir)
         self._last_time = None
         self._last_step = None
 
@@ -87,7 +126,7 @@ class Reporter:
             self._writer.add_scalar(f"train/{name}", value, step)
         self._writer.flush()
 
-    def save_samples(self, step: int, images: np.ndarray) -> pathlib.Path | None:
+    def save_samples(self, step: int, images: np.ndarray) -> epath.Path | None:
         if not self.active:
             return None
         scale = max(1, 256 // (images.shape[1] * int(np.ceil(np.sqrt(len(images))))))

@@ -3,17 +3,20 @@
 ``python -m diffusion_jax.train --config=configs/digits.py --workdir=DIR``
 
 The loop: validate config -> data -> mesh -> state (restored from ``workdir`` when a checkpoint
-exists) -> jitted sharded train step -> progress/TensorBoard/sample grids -> async checkpoints,
-and a final save on SIGTERM, SIGINT (Ctrl-C) or preemption. Multi-host: the same program on
-every process, after ``jax.distributed.initialize`` (see ``launch/``).
+exists, if the config changed only in keys that are safe to change) -> jitted sharded train
+step -> progress/TensorBoard/sample grids -> async checkpoints, and a final save on SIGTERM,
+SIGINT (Ctrl-C) or preemption. Multi-host: the same program on every process, after
+``jax.distributed.initialize`` (see ``launch/``). ``DIR`` may be any ``etils.epath`` path, e.g.
+``gs://bucket/run``.
 """
 
 from __future__ import annotations
 
 import math
-import pathlib
+import time
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from diffusion_jax import runtime
@@ -57,7 +60,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     )
 
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     tcfg = config.training
     image_shape, num_classes = input_pipeline.dataset_spec(config.data)
     if config.model.class_conditional and not num_classes:
@@ -76,6 +79,14 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
 
     checkpointer = checkpointing.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     latest = checkpointer.latest_step()
+    recorded = _recorded_config(workdir, checkpointer, latest)
+    changes = []
+    if latest is not None and recorded is not None:
+        try:  # before anything is written: a refused resume leaves the workdir as it was
+            changes = config_lib.check_resume(recorded, config, f"{workdir} (step {latest})")
+        except config_lib.ConfigError:
+            checkpointer.close()
+            raise
     if latest is None:
         state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
     else:
@@ -83,10 +94,14 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
         state = checkpointer.restore(latest, target, data_iterator)
-        logging.info("Resumed from step %d in %s", latest, checkpointer.directory)
+        logging.info(
+            "Resumed from step %d in %s%s",
+            latest,
+            checkpointer.directory,
+            f" with changed {', '.join(changes)}" if changes else "",
+        )
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        _record_config(workdir, config, recorded, latest or 0)
 
     step_fn = train_step.make_train_step(
         config, model, schedule, optimizer, lr_schedule, mesh, shardings
@@ -132,7 +147,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
             stopping = (stop is not None and stop.received) or checkpointer.reached_preemption(step)
             if stopping or step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
                 drain()
-                checkpointer.save(step, state, data_iterator, force=stopping)
+                checkpointer.save(step, state, data_iterator, config, force=stopping)
             if stopping:
                 logging.info(
                     "Stop requested (%s): saved step %d, exiting.",
@@ -147,6 +162,42 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         if stop is not None:
             stop.restore_handlers()
     return last_logged
+
+
+def _recorded_config(workdir, checkpointer, latest: int | None):
+    """The config the latest checkpoint was trained with; for a checkpoint saved before
+    checkpoints recorded it, or when there is none, the workdir's ``config.json`` (a run
+    that saved nothing yet); None in a new workdir."""
+    from diffusion_jax import config_lib
+
+    saved = None if latest is None else checkpointer.saved_config(latest)
+    if saved is not None:
+        return config_lib.from_dict(saved, source=f"checkpoint {latest}")
+    if (workdir / "config.json").exists():
+        return config_lib.load(workdir)
+    if latest is not None:
+        logging.warning(
+            "Checkpoint %d in %s records no config and there is no config.json: resuming "
+            "without checking the config",
+            latest,
+            checkpointer.directory,
+        )
+    return None
+
+
+def _record_config(workdir, config, recorded, step: int):
+    """Keeps every run's config: ``config.json`` is the first run's and is never overwritten; a
+    run that starts at ``step`` with another config than ``recorded`` (the config of what it
+    resumes) adds ``config_step<N>_<UTC time>.json``."""
+    from diffusion_jax import config_lib
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    text = config.to_json_best_effort(indent=2)
+    if not (workdir / "config.json").exists():
+        (workdir / "config.json").write_text(text)
+    elif config_lib.differences(recorded, config):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        (workdir / f"config_step{step}_{stamp}.json").write_text(text)
 
 
 def main(argv):

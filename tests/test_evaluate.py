@@ -357,8 +357,9 @@ def test_bad_input_is_one_line_and_writes_nothing(trained_workdir, tmp_path, env
         evaluators.evaluate(workdir, "bpd", step=7)
     with pytest.raises(config_lib.ConfigError, match="'eval.num_samples' must be >= 1, got 0"):
         evaluators.evaluate(workdir, "sample", overrides={"eval.num_samples": 0})
-    with pytest.raises(config_lib.ConfigError, match="No config.json in"):
+    with pytest.raises(checkpointing.CheckpointError, match="No checkpoint in .*nothing to eval"):
         evaluators.evaluate(tmp_path / "nowhere", "bpd")
+    assert not (tmp_path / "nowhere").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(workdir / "config.json", empty)

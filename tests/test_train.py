@@ -41,6 +41,7 @@ from diffusion_jax import (
     train,
     train_step,
 )
+from diffusion_jax.evaluators import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -346,6 +347,130 @@ def test_corrupt_checkpoint_fails_clearly_and_is_left_untouched(reference, cache
     assert process.returncode != 0
     assert f"error: Cannot restore checkpoint {_STEPS} in {workdir / 'checkpoints'}" in output
     assert _snapshot(workdir / "checkpoints") == before
+
+
+def _reference_config(**overrides) -> ml_collections.ConfigDict:
+    """The config of the ``reference`` run, with ``overrides``."""
+    return _tiny(**{"training.num_steps": _STEPS, "training.checkpoint_every": _HALF, **overrides})
+
+
+def test_resume_with_a_changed_batch_size_stops_and_changes_nothing(reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    before = _snapshot(workdir)
+    config = _reference_config(**{"training.num_steps": _STEPS + 2, "training.batch_size": 8})
+    with pytest.raises(config_lib.ConfigError) as error:
+        train.train_and_evaluate(config, workdir)
+    assert str(error.value) == (
+        f"Cannot resume {workdir} (step {_STEPS}) with a changed config: "
+        "training.batch_size 16 -> 8. Use a new --workdir, or restore these values."
+    )
+    assert _snapshot(workdir) == before  # checkpoints, config.json, TensorBoard events
+
+
+def test_resume_lists_every_changed_key_that_is_not_safe(reference, tmp_path):
+    workdir = tmp_path / "run"
+    _copy_checkpoints(reference, workdir, [_HALF, _STEPS])
+    config = _reference_config(
+        **{
+            "seed": 1,
+            "model.ch": 64,
+            "diffusion.schedule": "cosine",
+            "training.num_steps": _STEPS + 2,  # safe: not listed
+            "sampling.num_steps": 10,
+        }
+    )
+    with pytest.raises(config_lib.ConfigError) as error:
+        train.train_and_evaluate(config, workdir)
+    assert str(error.value) == (
+        f"Cannot resume {workdir} (step {_STEPS}) with a changed config: "
+        "diffusion.schedule 'linear' -> 'cosine', model.ch 32 -> 64, seed 0 -> 1. "
+        "Use a new --workdir, or restore these values."
+    )
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints"]
+
+
+def test_checkpoint_without_a_recorded_config_is_checked_against_config_json(reference, tmp_path):
+    """Checkpoints saved before they recorded their config: ``config.json`` stands in (then the
+    config of the latest start, which saved them)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    for step in (_HALF, _STEPS):
+        shutil.rmtree(workdir / "checkpoints" / str(step) / "config")
+    with pytest.raises(config_lib.ConfigError, match=r"training.batch_size 16 -> 8\."):
+        train.train_and_evaluate(_reference_config(**{"training.batch_size": 8}), workdir)
+    config, step = common.load_config(workdir, None)
+    assert step == _STEPS and config.to_dict() == _reference_config().to_dict()
+
+
+def test_resume_with_more_steps_continues_and_keeps_every_runs_config(reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    first = (workdir / "config.json").read_bytes()
+    longer = _reference_config(**{"training.num_steps": _STEPS + 1})
+
+    train.train_and_evaluate(longer, workdir)
+
+    assert _steps(workdir)[-1] == _STEPS + 1
+    assert (workdir / "config.json").read_bytes() == first
+    (history,) = workdir.glob("config_step*.json")
+    assert re.fullmatch(rf"config_step{_STEPS}_\d{{8}}T\d{{6}}Z\.json", history.name)
+    assert json.loads(history.read_text())["training"]["num_steps"] == _STEPS + 1
+    # Each checkpoint records the config that trained it; the evaluation program uses it.
+    assert common.load_config(workdir, _STEPS + 1)[0].training.num_steps == _STEPS + 1
+    assert common.load_config(workdir, _STEPS)[0].training.num_steps == _STEPS
+    # A restart with the same config (after a preemption, say) adds no file.
+    train.train_and_evaluate(longer, workdir)
+    assert len(list(workdir.glob("config*.json"))) == 2
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("seed", 1),
+        ("data.name", "cifar10"),
+        ("data.split", "test"),
+        ("data.image_size", 16),
+        ("data.channels", 3),
+        ("data.shuffle", False),
+        ("data.random_flip", True),
+        ("data.num_workers", 2),
+        ("training.batch_size", 8),
+        ("training.compute_dtype", "bfloat16"),
+        ("model.ch_mult", (1, 2)),
+        ("model.dropout", 0.2),
+        ("model.class_conditional", True),
+        ("diffusion.num_timesteps", 100),
+        ("diffusion.mean_type", "v"),
+        ("diffusion.var_type", "learned_range"),
+        ("diffusion.loss_type", "hybrid"),
+    ],
+)
+def test_resume_refuses_a_change_of_data_noise_or_model(key, value):
+    with pytest.raises(config_lib.ConfigError, match=rf"with a changed config: {re.escape(key)} "):
+        config_lib.check_resume(_tiny(), _tiny(**{key: value}), "run")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("training.num_steps", 10**6),
+        ("training.log_every", 7),
+        ("training.checkpoint_every", 7),
+        ("training.keep_checkpoints", 7),
+        ("training.sample_every", 7),
+        ("training.grad_accum_steps", 2),
+        ("training.fsdp", 2),
+        ("optim.learning_rate", 1e-5),
+        ("sampling.method", "ddim"),
+        ("eval.num_samples", 7),
+        ("data.prefetch", 0),
+        ("data.data_dir", "/elsewhere"),
+    ],
+)
+def test_resume_allows_a_change_of_length_logging_layout_or_sampling(key, value):
+    changes = config_lib.check_resume(_tiny(), _tiny(**{key: value}), "run")
+    assert len(changes) == 1 and changes[0].startswith(f"{key} ")
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")

@@ -27,7 +27,7 @@ def evaluate(workdir, mode: str, step: int | None = None, overrides: dict | None
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; valid: {', '.join(MODES)}")
     evaluator = importlib.import_module(f"diffusion_jax.evaluators.{MODES[mode]}")
-    config = config_lib.load(workdir, overrides)
+    config, step = common.load_config(workdir, step, overrides)
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     context = common.restore(config, workdir, step)
     logging.info("Evaluating step %d of %s: %s", context.step, workdir, mode)

@@ -76,9 +76,8 @@ def _zero_sums(num_examples: int, num_timesteps: int) -> dict:
 def _load_partial(path, settings: dict, num_examples: int, num_timesteps: int) -> dict:
     if not path.exists():
         return _zero_sums(num_examples, num_timesteps)
-    with np.load(path) as saved:
-        sums = {k: saved[k] for k in saved.files if k != "settings"}
-        saved_settings = json.loads(str(saved["settings"]))
+    sums = common.read_npz(path)
+    saved_settings = json.loads(str(sums.pop("settings")))
     common.check_same_settings(
         path,
         saved_settings,
@@ -90,7 +89,7 @@ def _load_partial(path, settings: dict, num_examples: int, num_timesteps: int) -
 
 def _save(path, sums: dict, settings: dict) -> None:
     common.write_atomically(
-        path, lambda tmp: np.savez(tmp, settings=json.dumps(settings, sort_keys=True), **sums)
+        path, common.npz_bytes(settings=json.dumps(settings, sort_keys=True), **sums)
     )
 
 

@@ -1,19 +1,23 @@
 """What every evaluation mode needs: the run's config, mesh, model and EMA parameters, and the
-helpers they share (sharded calls over batches, atomic files, progress lines)."""
+helpers they share (sharded calls over batches, files through ``etils.epath``, progress lines).
+
+Files are read and written whole through ``epath.Path`` (local or ``gs://...``): NumPy, PIL and
+matplotlib write into memory first, since an object store's files cannot seek.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
-import os
-import pathlib
 import time
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from diffusion_jax import checkpointing, config_lib, generate, input_pipeline, sharding, train_step
 
@@ -28,13 +32,13 @@ class Context:
     """
 
     config: Any
-    workdir: pathlib.Path
+    workdir: epath.Path
     step: int
     mesh: jax.sharding.Mesh
     model: Any
     params: Any
     param_sharding: Any
-    eval_dir: pathlib.Path
+    eval_dir: epath.Path
 
     @property
     def is_main(self) -> bool:
@@ -46,9 +50,25 @@ class Context:
         return (data.image_size, data.image_size, data.channels)
 
 
-def restore(config, workdir, step: int | None) -> Context:
-    """Builds the model of ``config`` and restores only its EMA parameters from ``workdir``."""
-    workdir = pathlib.Path(workdir)
+def load_config(workdir, step: int | None, overrides: dict | None = None):
+    """``(config, step)``: the config checkpoint ``step`` (None: the latest) of ``workdir`` was
+    trained with, with ``overrides`` (dotted keys) set, and that step. For a checkpoint saved
+    before checkpoints recorded their config: the workdir's ``config.json``."""
+    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
+    try:
+        step = checkpointer.step_to_evaluate(step)
+        saved = checkpointer.saved_config(step)
+    finally:
+        checkpointer.close()
+    if saved is None:
+        return config_lib.load(workdir, overrides), step
+    return config_lib.from_dict(saved, overrides, source=f"checkpoint {step}"), step
+
+
+def restore(config, workdir, step: int) -> Context:
+    """Builds the model of ``config`` and restores only the EMA parameters of checkpoint
+    ``step`` of ``workdir``."""
+    workdir = epath.Path(workdir)
     image_shape, num_classes = input_pipeline.dataset_spec(config.data)
     mesh = sharding.make_mesh(config.training.fsdp)
     model = config_lib.make_model(config, num_classes)
@@ -61,7 +81,7 @@ def restore(config, workdir, step: int | None) -> Context:
     )
     checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
     try:
-        params, step = checkpointer.restore_ema_params(step, target)
+        params = checkpointer.restore_ema_params(step, target)
     finally:
         checkpointer.close()
     return Context(
@@ -95,20 +115,34 @@ def check_same_settings(path, saved: dict, wanted: dict, remedy: str) -> None:
         )
 
 
-def write_atomically(path: pathlib.Path, write) -> None:
-    """Calls ``write(tmp_path)``, then renames it to ``path``: a reader (or a run killed
-    half-way) never sees a partial file."""
+def write_atomically(path: epath.Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file, then renames it to ``path``: a reader (or a run
+    killed half-way) never sees a partial file. (On an object store the rename is a copy and a
+    delete; an object appears whole in any case.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
-def write_json(path: pathlib.Path, data: dict) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+def write_json(path: epath.Path, data: dict) -> None:
+    write_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
-def save_result(ctx: Context, mode: str, result: dict) -> pathlib.Path:
+def npz_bytes(**arrays) -> bytes:
+    """``np.savez(file, **arrays)`` as bytes."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def read_npz(path: epath.Path) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file ``path`` (no pickles)."""
+    with path.open("rb") as f, np.load(f) as data:
+        return {key: data[key] for key in data.files}
+
+
+def save_result(ctx: Context, mode: str, result: dict) -> epath.Path:
     """Writes ``eval/<mode>_step<N>.json``: the numbers, the mode, the step and the config
     (main process only); returns its path."""
     path = ctx.eval_dir / f"{mode}_step{ctx.step}.json"

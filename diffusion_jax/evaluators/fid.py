@@ -20,18 +20,18 @@ shape and feature network.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from diffusion_jax import config_lib, generate, input_pipeline, metrics, sharding
 from diffusion_jax.evaluators import common, samples
 
-DEFAULT_REFERENCE_DIR = pathlib.Path("~/.cache/diffusion_jax/reference")
+DEFAULT_REFERENCE_DIR = epath.Path("~/.cache/diffusion_jax/reference")
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
     "pt_inception-2015-12-05-6726825d.pth"
@@ -80,8 +80,8 @@ def feature_network(ctx: common.Context) -> FeatureNetwork:
     return FeatureNetwork("inception-2015-12-05", inception_fn, params)
 
 
-def reference_dir(ctx: common.Context) -> pathlib.Path:
-    return pathlib.Path(ctx.config.eval.reference_dir or DEFAULT_REFERENCE_DIR).expanduser()
+def reference_dir(ctx: common.Context) -> epath.Path:
+    return epath.Path(ctx.config.eval.reference_dir or DEFAULT_REFERENCE_DIR).expanduser()
 
 
 def _local_rows(ctx: common.Context, batch: np.ndarray) -> np.ndarray:
@@ -145,14 +145,13 @@ def reference_features(ctx: common.Context, net: FeatureNetwork, split: str):
     )
     path = reference_dir(ctx) / f"{name}.npz"
     if path.exists():
-        with np.load(path) as cached:
-            features = cached["features"]
+        features = common.read_npz(path)["features"]
         logging.info("Reference features of %s/%s from %s", data.name, split, path)
         return features, metrics.FeatureStats.zeros(features.shape[1]).update(features)
     logging.info("Computing reference features of %s/%s (cached in %s)", data.name, split, path)
     features, _, stats = compute_features(ctx, net, _split_batches(ctx, split))
     if ctx.is_main:
-        common.write_atomically(path, lambda tmp: np.savez(tmp, features=features))
+        common.write_atomically(path, common.npz_bytes(features=features))
     return features, stats
 
 

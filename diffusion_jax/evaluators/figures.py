@@ -18,12 +18,13 @@ All chains use the sampler's schedule (``sampling.num_steps``); t is its zero-ba
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from diffusion_jax import config_lib, diffusion, generate, input_pipeline, reporting, sampling
 from diffusion_jax.evaluators import bpd, common
@@ -222,8 +223,10 @@ def _plot_rate_distortion(curve: dict, path) -> str:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    path.write_bytes(png.getvalue())
     return str(path)
 
 
@@ -263,5 +266,5 @@ def run(ctx: common.Context) -> dict:
 
 
 def summary(result: dict) -> str:
-    directory = pathlib.Path(result["figures"]["progressive"]).parent
+    directory = epath.Path(result["figures"]["progressive"]).parent
     return f"{len(result['figures'])} figures in {directory}"

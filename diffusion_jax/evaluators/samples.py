@@ -11,29 +11,29 @@ settings stops instead of mixing two sets. Also writes a PNG grid of the first 6
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import numpy as np
+from etils import epath
 
-from diffusion_jax import generate, reporting
+from diffusion_jax import checkpointing, generate, reporting
 from diffusion_jax.evaluators import common
 
 SHARD_PATTERN = "shard_*.npz"
 GRID_SIZE = 64
 
 
-def sample_dir(ctx: common.Context) -> pathlib.Path:
+def sample_dir(ctx: common.Context) -> epath.Path:
     """``eval.sample_dir``, or ``eval/samples_step<N>`` of the workdir."""
     if ctx.config.eval.sample_dir:
-        return pathlib.Path(ctx.config.eval.sample_dir)
+        return epath.Path(ctx.config.eval.sample_dir)
     return ctx.eval_dir / f"samples_step{ctx.step}"
 
 
 def _meta(ctx: common.Context) -> dict:
     cfg = ctx.config
     return {
-        "workdir": str(ctx.workdir.absolute()),
+        "workdir": str(checkpointing.absolute(ctx.workdir)),
         "step": ctx.step,
         "num_samples": cfg.eval.num_samples,
         "batch_size": cfg.eval.batch_size,
@@ -42,7 +42,7 @@ def _meta(ctx: common.Context) -> dict:
     }
 
 
-def _check_meta(directory: pathlib.Path, meta: dict) -> None:
+def _check_meta(directory: epath.Path, meta: dict) -> None:
     path = directory / "meta.json"
     if not path.exists():
         return
@@ -77,7 +77,7 @@ def run(ctx: common.Context) -> dict:
         images = generate.to_host(generate_fn(ctx.params, rng, k * batch_size))[:count]
         if ctx.is_main:
             pixels = generate.to_uint8(images)
-            common.write_atomically(paths[k], lambda tmp, p=pixels: np.savez(tmp, images=p))
+            common.write_atomically(paths[k], common.npz_bytes(images=pixels))
         progress.update(min(num, (k + 1) * batch_size))
     grid_path = ctx.eval_dir / f"samples_step{ctx.step}.png"
     if ctx.is_main:
@@ -102,15 +102,14 @@ def _scale(images: np.ndarray) -> int:
 def load_samples(directory, limit: int | None = None) -> np.ndarray:
     """The uint8 ``[N, H, W, C]`` samples of ``directory``'s shards in order (at most
     ``limit``). Raises ValueError for a directory without shards or with mixed image shapes."""
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     paths = sorted(directory.glob(SHARD_PATTERN))
     if not paths:
         raise ValueError(f"No sample shards ({SHARD_PATTERN}) in {directory}")
     chunks, total = [], 0
     for path in paths:
         try:
-            with np.load(path) as shard:
-                images = shard["images"]
+            images = common.read_npz(path)["images"]
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"Cannot read samples from {path}: {e}") from e
         if images.dtype != np.uint8 or images.ndim != 4:
