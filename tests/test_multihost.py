@@ -169,7 +169,6 @@ def test_resume_four_device_checkpoint_on_two_processes(reference_run, tmp_path)
         assert json.loads(position.read_text()) == {"next_index": K + 2}
 
 
-@pytest.mark.slow
 def test_sigterm_to_local_sh_saves_and_stops_all_processes(tmp_path):
     logs = tmp_path / "logs"
     flags = [*TINY_RUN, f"--workdir={tmp_path}", "--config.training.num_steps=100000"]

@@ -670,6 +670,7 @@ _REDUCED_NETWORK = {
 }
 
 
+@pytest.mark.slow  # tests/test_datasets.py trains this config, reduced, on prepared files
 def test_cifar10_config_reduced_network_on_mock_data(tmp_path):
     config = _config("cifar10", **{**_REDUCED_NETWORK, "training.num_steps": 1})
     with tfds.testing.mock_data(num_examples=8):
