@@ -2,7 +2,8 @@
 
     python bench/sampler_quality.py --workdir=COPY_OF_RUN --results=quality.jsonl \\
         --out_dir=/tmp/quality_samples --reference_dir=/tmp/qs/ref
-    python bench/sampler_quality.py --results=quality.jsonl --plot=quality.png   # table + plot
+    python bench/sampler_quality.py --results=quality.jsonl --plot=quality.png \\
+        --out_dir=/tmp/quality_samples   # the tables and the plot
 
 For each method, spacing and evaluation budget E, the chain gets the most grid steps K whose
 evaluations (``sampling.num_evaluations``: K, or 2K - 1 for heun) fit in E (none if even the
@@ -10,9 +11,11 @@ method's ``min_steps`` do not), and the evaluation program's ``sample`` and ``fi
 (``eval.num_samples`` samples at ``eval.batch_size``, the run's ``eval.seed``: the same noise
 for every point) score it. One JSON line per point is appended to ``--results``; points
 already there are skipped, so an interrupted sweep resumes. The workdir's ``eval/`` is
-written: use a copy of a run you must not touch. ``--plot`` prints a Markdown table (FID per
-method and budget, the evaluations actually used where fewer) and draws FID against
-evaluations, one line per method and spacing.
+written: use a copy of a run you must not touch. ``--plot`` prints Markdown tables, FID per
+method, spacing and budget (the evaluations actually used where fewer) and, with the sample
+directories (``--out_dir``), the deterministic methods' RMSE in 8-bit levels from the
+converged ODE solution (``dpmpp_3m`` over all T steps, the same starting noise), and draws
+both against evaluations, one panel per spacing.
 """
 
 import argparse
@@ -27,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import emit  # noqa: E402
 
-from diffusion_jax import config_lib, sampling, xla_flags  # noqa: E402
+from diffusion_jax import config_lib, sampling, schedules, xla_flags  # noqa: E402
 
 
 def steps_for(method: str, evaluations: int, num_timesteps: int) -> int | None:
@@ -180,7 +183,7 @@ def table_and_plot(args):
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=110)
+    fig.savefig(args.plot, dpi=100)
     print(f"plot: {args.plot}")
 
 
@@ -194,7 +197,7 @@ def main(argv=None):
     parser.add_argument("--reference_dir", default="", help="eval.reference_dir")
     parser.add_argument("--plot", help="instead of sweeping: print the table, draw this PNG")
     parser.add_argument("--methods", default=",".join(sampling.SAMPLING_METHODS))
-    parser.add_argument("--spacings", default="even")
+    parser.add_argument("--spacings", default=",".join(schedules.SPACINGS))
     parser.add_argument("--evaluations", default="5,10,20,50,100,200")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=500)
