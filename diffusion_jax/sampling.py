@@ -26,8 +26,8 @@ the network evaluations of a K-step chain (``num_evaluations``):
     ``fixed_small`` variance;
   - ``dpmpp_2m`` (K): DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the exact integral in
     lambda of ``D`` extrapolated linearly through the current and the previous grid step's
-    predictions; the first step (no history, also after ``start_step``) is first order, then
-    equal to DDIM;
+    predictions; the first step (no history; also the first after ``start_step``) is first
+    order, a DDIM step;
   - ``dpmpp_3m`` (K): the same with ``D`` extrapolated quadratically through three steps
     (first and second order for the first two steps);
   - ``heun`` (2K - 1): EDM's deterministic sampler (Karras et al. 2022, Algorithm 1) on the
@@ -38,8 +38,9 @@ the network evaluations of a K-step chain (``num_evaluations``):
 The ODE solvers' order shows on Gaussian data (``tests/test_sampler_convergence.py``).
 Options: ``learned_range`` variance is used by ``ancestral`` and ignored by the rest;
 a ``mu`` (posterior mean) prediction converts to x0 with the schedule's posterior
-coefficients, which is exact only on the schedule the network was trained on (respaced, the
-network's mean is that of its own, shorter step: ``config_lib`` rejects that combination);
+coefficients, which is exact only on the schedule the network was trained on (on a respaced
+one the network still predicts the mean of its own one-step posterior, not of the longer
+respaced step: ``config_lib`` rejects that combination);
 with ``mu``, ``ancestral`` uses the predicted mean as it is. Every method works from an
 intermediate ``x_start`` (``start_step`` indexes the grid), records trajectories and
 interpolates.
