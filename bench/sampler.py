@@ -1,4 +1,4 @@
-"""Overhead of the scan samplers over the bare network they call.
+"""Overhead of the scan samplers over the bare network they call, per network evaluation.
 
     python bench/sampler.py      # CIFAR-10 U-Net, batch 2, 1000 + 100 steps (slow on CPU)
     python bench/sampler.py --ch 32 --steps 100 --respaced_steps 20 --repeats 2   # quick run
@@ -7,22 +7,26 @@
 For each sampler, the whole chain (``diffusion_jax.sampling.sample`` with the U-Net as
 ``model_fn``, inside an outer jit taking the parameters as an argument, as
 ``generate.make_generate_fn`` does) is timed against a Python loop dispatching the jitted bare
-forward of the same network at the same batch once per step (each output fed to the next call,
-blocking only at the end). ``ratio = scan_s / loop_s``; the target is <= 1.05;
-``samples_per_s = batch / scan_s``. Samplers:
+forward of the same network at the same batch once per network evaluation of the chain (each
+output fed to the next call, blocking only at the end). ``ratio = scan_s / loop_s``; the target
+is <= 1.05; ``per_eval_ms = scan_s / evaluations`` against ``forward_ms = loop_s /
+evaluations``; ``samples_per_s = batch / scan_s``; ``compile_scan_s`` compiles the whole chain.
+Samplers:
 
   - ``ancestral``: ``--steps`` steps (1000 = the full DDPM chain; fewer: the 1000-step process
     respaced to that many);
-  - ``ancestral_respaced`` and ``ddim`` (eta=0): ``--respaced_steps`` steps (0 skips them);
+  - every method of ``sampling.SAMPLING_METHODS`` (``ancestral_respaced`` for ancestral) over
+    ``--respaced_steps`` grid steps (0 skips them): as many evaluations, heun 2K - 1;
   - with ``--record_every N``, also ``ancestral`` recording the trajectory every N steps.
 
-Then the chain without the network (``model_fn`` a cheap elementwise function) with and
-without trajectory recording: the per-step cost of everything the sampler adds (posterior
-mean/variance, noise, ``timestep_map`` gather, recording). Timed rounds alternate scan and
-loop so that load from other processes hits both alike; the best wall times, all wall times
-and the best CPU times (of all this process's threads: ``cpu_ratio`` is the steadier figure
-on a shared machine, where the wall time includes waiting for a core) are reported, with the
-device's peak memory in use so far (None on CPU) and the host's.
+Then the chains without the network (``model_fn`` a cheap elementwise function), every method
+over ``--steps`` steps and ancestral also recording its trajectory: the cost per evaluation of
+everything the sampler adds (x0 prediction, the method's update, noise, ``timestep_map``
+gather, recording). Timed rounds alternate scan and loop so that load from other processes hits
+both alike; the best wall times, all wall times and the best CPU times (of all this process's
+threads: ``cpu_ratio`` is the steadier figure on a shared machine, where the wall time includes
+waiting for a core) are reported, with the device's peak memory in use so far (None on CPU)
+and the host's.
 """
 
 import argparse
@@ -80,6 +84,14 @@ def best(times: list[tuple[float, float]]) -> tuple[float, float]:
     return tuple(min(ts) for ts in zip(*times, strict=True))
 
 
+def evaluation_timesteps(method: str, schedule: schedules.Schedule) -> list[int]:
+    """The original timesteps of the network's evaluations over the whole chain, in order."""
+    grid = schedule.timestep_map[::-1].tolist()
+    if sampling.METHODS[method].stages == 1:
+        return grid
+    return [t for pair in zip(grid, grid[1:], strict=False) for t in pair] + grid[-1:]
+
+
 def make_loop(forward, params, x, timesteps):
     """``loop()`` dispatching ``forward`` once per timestep (chained); blocked on by the caller."""
     t_batches = [jnp.full((x.shape[0],), t, jnp.int32) for t in timesteps]
@@ -114,8 +126,12 @@ def bench_network(args):
     configs = [("ancestral", args.steps, {})]
     if args.respaced_steps:
         configs += [
-            ("ancestral_respaced", args.respaced_steps, {}),
-            ("ddim", args.respaced_steps, {"method": "ddim", "eta": 0.0}),
+            (
+                "ancestral_respaced" if method == "ancestral" else method,
+                args.respaced_steps,
+                {"method": method},
+            )
+            for method in sampling.SAMPLING_METHODS
         ]
     if args.record_every:
         configs.append(
@@ -130,7 +146,8 @@ def bench_network(args):
         schedule = make_schedule(num_steps)
         sampler = make_sampler(model_fn_of, schedule, shape, **kw)
         sampler_c, scan_compile_s = time_compile(sampler, params, key)
-        loop = make_loop(forward_c, params, x, schedule.timestep_map[::-1].tolist())
+        timesteps = evaluation_timesteps(kw.get("method", "ancestral"), schedule)
+        loop = make_loop(forward_c, params, x, timesteps)
         scan_t, loop_t = [], []
         for r in range(args.warmup + args.repeats):
             run = functools.partial(sampler_c, params, jax.random.PRNGKey(r))
@@ -141,6 +158,7 @@ def bench_network(args):
         emit(
             bench=f"sampler_{name}",
             steps=num_steps,
+            evaluations=len(timesteps),
             ch=args.ch,
             batch=args.batch,
             image_size=args.image_size,
@@ -154,7 +172,8 @@ def bench_network(args):
             cpu_ratio=scan_cpu_s / loop_cpu_s,
             scan_s_all=[w for w, _ in scan_t],
             loop_s_all=[w for w, _ in loop_t],
-            forward_ms=1e3 * loop_s / num_steps,
+            per_eval_ms=1e3 * scan_s / len(timesteps),
+            forward_ms=1e3 * loop_s / len(timesteps),
             compile_scan_s=scan_compile_s,
             compile_forward_s=forward_compile_s,
             peak_device_mib=peak_device_mib(),
@@ -163,29 +182,35 @@ def bench_network(args):
 
 
 def bench_chain_only(args):
-    """The sampler's own per-step cost, with a network-free ``model_fn``."""
+    """The sampler's own cost per evaluation, with a network-free ``model_fn``."""
     shape = (args.batch, args.image_size, args.image_size, 3)
     schedule = make_schedule(args.steps)
     model_fn_of = lambda scale: lambda x, t: scale * x
     every = args.record_every or max(1, args.steps // 10)
-    for record_every in (None, every):
-        sampler = make_sampler(model_fn_of, schedule, shape, record_every=record_every)
+    runs = [(method, None) for method in sampling.SAMPLING_METHODS] + [("ancestral", every)]
+    for method, record_every in runs:
+        sampler = make_sampler(
+            model_fn_of, schedule, shape, method=method, record_every=record_every
+        )
         sampler_c, compile_s = time_compile(sampler, 0.5, jax.random.PRNGKey(0))
         times = [
             wall_and_cpu(functools.partial(sampler_c, 0.5, jax.random.PRNGKey(r)))
             for r in range(args.warmup + args.repeats)
         ][args.warmup :]
         wall, cpu = best(times)
+        evaluations = sampling.num_evaluations(method, args.steps)
         emit(
             bench="sampler_chain_only",
+            method=method,
             steps=args.steps,
+            evaluations=evaluations,
             batch=args.batch,
             image_size=args.image_size,
             record_every=record_every,
             s=wall,
             s_all=[w for w, _ in times],
             cpu_s=cpu,
-            per_step_us=1e6 * wall / args.steps,
+            per_eval_us=1e6 * wall / evaluations,
             compile_s=compile_s,
         )
 

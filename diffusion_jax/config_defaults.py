@@ -75,10 +75,14 @@ def get_config():
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 64
-    sampling.method = "ancestral"
-    sampling.num_steps = 0  # 0 = all T steps, else respaced to this many
-    sampling.eta = 0.0
+    sampling.method = "ancestral"  # any of diffusion_jax.sampling.SAMPLING_METHODS
+    # Grid steps: 0 = all T, else this many timesteps picked by `spacing`; network evaluations
+    # are as many (heun: 2 * num_steps - 1).
+    sampling.num_steps = 0
+    sampling.spacing = "even"  # even, quad, logsnr or trailing (schedules.spaced_timesteps)
+    sampling.eta = 0.0  # ddim only
     sampling.clip_denoised = True
+    sampling.dynamic_threshold = 0.0  # percentile of |x0| (e.g. 0.995) instead of clipping; 0 off
 
     # The evaluation program (python -m diffusion_jax.evaluate); its sampler is `sampling.*`.
     config.eval = ev = ml_collections.ConfigDict()

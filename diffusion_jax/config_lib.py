@@ -117,6 +117,7 @@ def validate(
     _choice(config, "training.compute_dtype", tuple(COMPUTE_DTYPES))
     _choice(config, "sampling.method", sampling.SAMPLING_METHODS)
     _check_folder(config)
+    _choice(config, "sampling.spacing", schedules.SPACINGS)
     for path in (
         "diffusion.num_timesteps",
         "training.batch_size",
@@ -165,11 +166,7 @@ def validate(
             f"Config key 'model.label_dropout' ({config.model.label_dropout}) drops class labels: "
             "it needs 'model.class_conditional' True"
         )
-    if config.sampling.num_steps > config.diffusion.num_timesteps:
-        raise ConfigError(
-            f"Config key 'sampling.num_steps' ({config.sampling.num_steps}) exceeds "
-            f"'diffusion.num_timesteps' ({config.diffusion.num_timesteps})"
-        )
+    _validate_sampling(config)
     if (
         config.diffusion.timestep_sampling == "importance"
         and config.diffusion.loss_type == "simple"
@@ -225,6 +222,37 @@ def validate(
             f"processes ({process_count})"
         )
     return config
+
+
+def _validate_sampling(config) -> None:
+    scfg, num_timesteps = config.sampling, config.diffusion.num_timesteps
+    method = sampling.METHODS[scfg.method]
+    if scfg.num_steps > num_timesteps:
+        raise ConfigError(
+            f"Config key 'sampling.num_steps' ({scfg.num_steps}) exceeds "
+            f"'diffusion.num_timesteps' ({num_timesteps})"
+        )
+    if (scfg.num_steps or num_timesteps) < method.min_steps:
+        raise ConfigError(
+            f"Config key 'sampling.num_steps' ({scfg.num_steps}) is below the "
+            f"{method.min_steps} steps sampling.method {scfg.method!r} needs"
+        )
+    if scfg.eta and not method.uses_eta:
+        raise ConfigError(
+            f"Config key 'sampling.eta' ({scfg.eta}) applies to sampling.method 'ddim' only, "
+            f"not {scfg.method!r}; set it to 0"
+        )
+    if not 0.0 <= scfg.dynamic_threshold <= 1.0:
+        raise ConfigError(
+            f"Config key 'sampling.dynamic_threshold' must lie in [0, 1] (0: off), got "
+            f"{scfg.dynamic_threshold!r}"
+        )
+    if config.diffusion.mean_type == "mu" and scfg.num_steps not in (0, num_timesteps):
+        raise ConfigError(
+            f"Config key 'sampling.num_steps' ({scfg.num_steps}) respaces the chain, but a 'mu' "
+            "network (diffusion.mean_type) predicts the mean of its own one-step posterior, "
+            "which a respaced step cannot use: set it to 0 (all steps)"
+        )
 
 
 def load(workdir, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -365,11 +393,12 @@ def make_schedule(config) -> schedules.Schedule:
 
 
 def make_sampling_schedule(config) -> schedules.Schedule:
-    """The process the sampler reverses: all T steps, or ``sampling.num_steps`` respaced."""
+    """The process the sampler reverses: all T steps, or ``sampling.num_steps`` of them picked by
+    ``sampling.spacing`` (``schedules.spaced_timesteps``) and respaced."""
     betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
     if config.sampling.num_steps in (0, config.diffusion.num_timesteps):
         return schedules.Schedule.from_betas(betas)
-    kept = schedules.space_timesteps(config.diffusion.num_timesteps, config.sampling.num_steps)
+    kept = schedules.spaced_timesteps(betas, config.sampling.num_steps, config.sampling.spacing)
     return schedules.respace(betas, kept)
 
 

@@ -30,12 +30,13 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int):
     """Jitted ``generate(params, rng, first_index) -> images [P, H, W, C]`` in [-1, 1].
 
     Generates samples ``first_index .. first_index + P - 1`` with the sampler of
-    ``config.sampling`` (method, number of steps, eta, clipping) from ``params`` (e.g. the EMA
-    parameters, laid out as ``param_sharding``). ``P = padded_size(num_samples, mesh)``: the
-    batch is split evenly over every device of the mesh (all processes), so it is padded to a
-    multiple of the device count; callers keep the first ``num_samples`` rows. The result is a
-    global array sharded over the batch axes (``to_host`` gathers it). Parameters and
-    ``first_index`` are arguments, so one compilation serves a whole run.
+    ``config.sampling`` (method, number of steps and their spacing, eta, clipping or dynamic
+    thresholding) from ``params`` (e.g. the EMA parameters, laid out as ``param_sharding``).
+    ``P = padded_size(num_samples, mesh)``: the batch is split evenly over every device of the
+    mesh (all processes), so it is padded to a multiple of the device count; callers keep the
+    first ``num_samples`` rows. The result is a global array sharded over the batch axes
+    (``to_host`` gathers it). Parameters and ``first_index`` are arguments, so one compilation
+    serves a whole run.
     """
     scfg, dcfg = config.sampling, config.diffusion
     schedule = config_lib.make_sampling_schedule(config)
@@ -66,6 +67,7 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int):
             mean_type=dcfg.mean_type,
             var_type=dcfg.var_type,
             clip_denoised=scfg.clip_denoised,
+            dynamic_threshold=scfg.dynamic_threshold,
             method=scfg.method,
             eta=scfg.eta,
         )

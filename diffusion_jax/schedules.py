@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "cosine", "quad", "const", "sigmoid", "jsd")
+SPACINGS = ("even", "quad", "logsnr", "trailing")
 
 
 def _check_num_timesteps(num_timesteps: int) -> None:
@@ -229,6 +230,54 @@ def space_timesteps(num_timesteps: int, section_counts) -> np.ndarray:
         kept.extend(start + round(j * stride) for j in range(count))
         start += size
     return np.asarray(kept, dtype=np.int64)
+
+
+def spaced_timesteps(betas, num_steps: int, spacing: str) -> np.ndarray:
+    """The ``num_steps`` timesteps a K-step sampler of the process ``betas`` visits (sorted, int64).
+
+    Args:
+        betas: the ``[T]`` betas of the process the network was trained on.
+        num_steps: K in ``[1, T]``; K = T gives every timestep, K = 1 the top one, T - 1,
+            whatever the spacing.
+        spacing: one of ``SPACINGS``; with ``j = 0 .. K - 1``, the targets are
+            - ``even``: ``linspace(0, T - 1, K)`` (as ``space_timesteps(T, K)``);
+            - ``quad``: ``linspace(0, sqrt(T - 1), K) ** 2``, dense near t = 0, both ends kept
+              (unlike ``"quadK"`` of ``space_timesteps``, DDIM's CIFAR-10 choice, which stops at
+              0.8 T);
+            - ``logsnr``: uniform in ``log(abar / (1 - abar))`` from t = T - 1 to t = 0, each
+              target the timestep (interpolated linearly between integers) of that log-SNR;
+            - ``trailing``: ``T (j + 1) / K - 1`` (Lin et al. 2024): from T - 1 down to
+              ``T / K - 1``, so the sampler's final x0 prediction comes from that step, not t = 0.
+
+    Returns:
+        int64 ``[K]``, strictly increasing: the targets rounded to the nearest integer; where
+        rounding makes neighbours collide (dense ends, K close to T), they move to the nearest
+        free timesteps, ``t_j = j + clip(cummax(round(target_j) - j), 0, T - K)``, rather than
+        being dropped, so the chain has exactly K steps.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    T = betas.shape[0]
+    if spacing not in SPACINGS:
+        raise ValueError(f"Unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    if not isinstance(num_steps, (int, np.integer)):
+        raise ValueError(f"num_steps must be an int, got {num_steps!r}")
+    _check_count(num_steps, T, f"{spacing} spacing")
+    K, j = int(num_steps), np.arange(num_steps)
+    if K == 1:
+        return np.array([T - 1])
+    if spacing == "even":
+        targets = np.linspace(0, T - 1, K)
+    elif spacing == "quad":
+        targets = np.linspace(0, np.sqrt(T - 1), K) ** 2
+    elif spacing == "logsnr":
+        abar = np.cumprod(1.0 - betas)
+        log_snr = np.log(abar) - np.log1p(-abar)  # decreasing in t
+        wanted = np.linspace(log_snr[0], log_snr[-1], K)
+        targets = np.interp(-wanted, -log_snr, np.arange(T))
+    else:
+        targets = T * (j + 1) / K - 1
+    shift = np.maximum.accumulate(np.round(targets).astype(np.int64) - j)
+    return j + np.clip(shift, 0, T - K)
 
 
 def _check_count(count: int, available: int, spec) -> None:

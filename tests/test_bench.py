@@ -75,20 +75,25 @@ def test_bench_scripts_print_json_lines(tmp_path):
     sampler_lines, train_lines, profile_lines = _lines(sampler), _lines(train), _lines(profile)
     evaluate_lines = _lines(evaluate)
 
-    assert set(sampler_lines) == {
-        "env",
-        "sampler_chain_only",
-        "sampler_ancestral",
-        "sampler_ancestral_respaced",
-        "sampler_ddim",
+    respaced = {"ancestral_respaced": 2, "ddim": 2, "dpmpp_2m": 2, "dpmpp_3m": 2, "heun": 3}
+    assert set(sampler_lines) == {"env", "sampler_chain_only", "sampler_ancestral"} | {
+        f"sampler_{name}" for name in respaced
     }
     chain_only = sampler_lines["sampler_chain_only"]
-    assert [line["record_every"] for line in chain_only] == [None, 1]
+    assert [(line["method"], line["record_every"]) for line in chain_only] == [
+        ("ancestral", None),
+        ("ddim", None),
+        ("dpmpp_2m", None),
+        ("dpmpp_3m", None),
+        ("heun", None),
+        ("ancestral", 1),
+    ]
+    assert [line["evaluations"] for line in chain_only] == [3, 3, 3, 3, 5, 3]
     for line in chain_only:
-        _assert_positive(line, ["s", "per_step_us", "compile_s"])
-    for name, steps in (("ancestral", 3), ("ancestral_respaced", 2), ("ddim", 2)):
+        _assert_positive(line, ["s", "per_eval_us", "compile_s"])
+    for name, evaluations in {"ancestral": 3, **respaced}.items():
         [line] = sampler_lines[f"sampler_{name}"]
-        assert line["steps"] == steps
+        assert line["evaluations"] == evaluations
         _assert_positive(
             line,
             [
@@ -96,6 +101,7 @@ def test_bench_scripts_print_json_lines(tmp_path):
                 "scan_s",
                 "loop_s",
                 "ratio",
+                "per_eval_ms",
                 "forward_ms",
                 "compile_scan_s",
                 "compile_forward_s",

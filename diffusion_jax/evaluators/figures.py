@@ -67,6 +67,7 @@ class _Chains:
             mean_type=config.diffusion.mean_type,
             var_type=config.diffusion.var_type,
             clip_denoised=config.sampling.clip_denoised,
+            dynamic_threshold=config.sampling.dynamic_threshold,
             method=config.sampling.method,
             eta=config.sampling.eta,
         )
