@@ -402,6 +402,19 @@ def make_sampling_schedule(config) -> schedules.Schedule:
     return schedules.respace(betas, kept)
 
 
+def sampler_options(config) -> dict:
+    """The keyword arguments of ``sampling.sample`` (and ``interpolate``) that ``config``
+    chooses: the network's parameterisation and the ``sampling.*`` method and its options."""
+    return dict(
+        mean_type=config.diffusion.mean_type,
+        var_type=config.diffusion.var_type,
+        clip_denoised=config.sampling.clip_denoised,
+        dynamic_threshold=config.sampling.dynamic_threshold,
+        method=config.sampling.method,
+        eta=config.sampling.eta,
+    )
+
+
 def make_model(config, num_classes: int | None = None) -> UNet:
     """The U-Net of ``config.model``; output channels doubled for a learned variance."""
     channels = config.data.channels

@@ -38,7 +38,7 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int):
     (``to_host`` gathers it). Parameters and ``first_index`` are arguments, so one compilation
     serves a whole run.
     """
-    scfg, dcfg = config.sampling, config.diffusion
+    options = config_lib.sampler_options(config)
     schedule = config_lib.make_sampling_schedule(config)
     batch = padded_size(num_samples, mesh)
     shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
@@ -59,18 +59,7 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int):
             x_t = jax.lax.with_sharding_constraint(x_t, batch_sharding)
             return model.apply({"params": params}, x_t, t, y, train=False)
 
-        x0 = sampling.sample(
-            model_fn,
-            schedule,
-            shape,
-            keys,
-            mean_type=dcfg.mean_type,
-            var_type=dcfg.var_type,
-            clip_denoised=scfg.clip_denoised,
-            dynamic_threshold=scfg.dynamic_threshold,
-            method=scfg.method,
-            eta=scfg.eta,
-        )
+        x0 = sampling.sample(model_fn, schedule, shape, keys, **options)
         return jnp.clip(x0, -1.0, 1.0)
 
     return jax.jit(

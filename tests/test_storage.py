@@ -41,6 +41,10 @@ def bucket():
         env.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # TensorStore's credentials
         env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # no gRPC bucket-type lookup
         env.setenv("EPATH_USE_TF", "false")  # epath through fsspec even where TensorFlow is
+        # ... which etils reads once per process (cached), maybe before this fixture ran.
+        from etils.epath import gpath
+
+        gpath._is_tf_installed.cache_clear()
         import fsspec
         import gcsfs
         from gcp_storage_emulator import server as emulator
@@ -56,6 +60,7 @@ def bucket():
         finally:
             server.stop()
             gcsfs.GCSFileSystem.clear_instance_cache()
+            gpath._is_tf_installed.cache_clear()  # the environment is restored after this
 
 
 @pytest.fixture(scope="module")

@@ -63,14 +63,7 @@ class _Chains:
     def __init__(self, ctx: common.Context):
         config = ctx.config
         self.schedule = config_lib.make_sampling_schedule(config)
-        self.options = dict(
-            mean_type=config.diffusion.mean_type,
-            var_type=config.diffusion.var_type,
-            clip_denoised=config.sampling.clip_denoised,
-            dynamic_threshold=config.sampling.dynamic_threshold,
-            method=config.sampling.method,
-            eta=config.sampling.eta,
-        )
+        self.options = config_lib.sampler_options(config)
         self.ctx = ctx
         self.model = ctx.model
         if self.model.num_classes is not None:
