@@ -81,6 +81,10 @@ for ((i = 0; i < num_processes && !stopping; i++)); do
     fi
     running+=("$!")
 done
+if ((stopping)); then
+    # A signal that arrived while a process was being started reached only those before it.
+    kill -TERM "${running[@]}" 2>/dev/null || true
+fi
 
 status=0
 while ((${#running[@]} > 0)); do
