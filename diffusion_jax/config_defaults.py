@@ -83,6 +83,14 @@ def get_config():
     sampling.eta = 0.0  # ddim only
     sampling.clip_denoised = True
     sampling.dynamic_threshold = 0.0  # percentile of |x0| (e.g. 0.995) instead of clipping; 0 off
+    # Class labels of a class-conditional model or of classifier guidance: sample i gets
+    # labels[i % len(labels)]; () = every class in turn (0, 1, ..., K-1, 0, ...).
+    sampling.labels = ()
+    # "none", "classifier_free" (Ho & Salimans 2022; needs model.label_dropout > 0) or
+    # "classifier" (Dhariwal & Nichol 2021; the noisy classifier trained in classifier_workdir).
+    sampling.guidance = "none"
+    sampling.guidance_scale = 0.0  # w of classifier-free guidance, s of classifier guidance
+    sampling.classifier_workdir = ""  # workdir of a model.kind "classifier" run (latest step)
 
     # The evaluation program (python -m diffusion_jax.evaluate); its sampler is `sampling.*`.
     config.eval = ev = ml_collections.ConfigDict()

@@ -11,6 +11,7 @@ import json
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from etils import epath
 
 from diffusion_jax import config_defaults, diffusion, losses, sampling, schedules
@@ -18,6 +19,7 @@ from diffusion_jax.models import UNet
 
 TIMESTEP_SAMPLINGS = ("uniform", "importance")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+GUIDANCE = ("none", "classifier_free", "classifier")
 
 
 class ConfigError(ValueError):
@@ -247,12 +249,75 @@ def _validate_sampling(config) -> None:
             f"Config key 'sampling.dynamic_threshold' must lie in [0, 1] (0: off), got "
             f"{scfg.dynamic_threshold!r}"
         )
+    _validate_guidance(config)
     if config.diffusion.mean_type == "mu" and scfg.num_steps not in (0, num_timesteps):
         raise ConfigError(
             f"Config key 'sampling.num_steps' ({scfg.num_steps}) respaces the chain, but a 'mu' "
             "network (diffusion.mean_type) predicts the mean of its own one-step posterior, "
             "which a respaced step cannot use: set it to 0 (all steps)"
         )
+
+
+def _validate_guidance(config) -> None:
+    """``sampling.guidance`` and its keys; the labels' upper bound needs the data set and is
+    checked by ``check_sampling_labels``."""
+    scfg, mcfg = config.sampling, config.model
+    _choice(config, "sampling.guidance", GUIDANCE)
+    _at_least(config, "sampling.guidance_scale", 0)
+    labels = list(scfg.labels)
+    if not all(isinstance(y, int) and not isinstance(y, bool) and y >= 0 for y in labels):
+        raise ConfigError(f"Config key 'sampling.labels' must hold ints >= 0, got {tuple(labels)}")
+    if scfg.guidance == "none" and scfg.guidance_scale:
+        raise ConfigError(
+            f"Config key 'sampling.guidance_scale' ({scfg.guidance_scale}) is set but "
+            "'sampling.guidance' is 'none': choose 'classifier_free' or 'classifier'"
+        )
+    if scfg.guidance == "classifier_free":
+        if not mcfg.class_conditional:
+            raise ConfigError(
+                "Config key 'sampling.guidance' is 'classifier_free', which needs a "
+                "class-conditional model, but 'model.class_conditional' is False"
+            )
+        if not mcfg.label_dropout:
+            raise ConfigError(
+                "Config key 'sampling.guidance' is 'classifier_free', which needs the "
+                "unconditional model p(x) learned with 'model.label_dropout' > 0; this model was "
+                "trained with 0, so its null label means nothing"
+            )
+    if (scfg.guidance == "classifier") != bool(scfg.classifier_workdir):
+        raise ConfigError(
+            "Config keys 'sampling.guidance' ('classifier') and 'sampling.classifier_workdir' "
+            f"(the classifier's run) go together; got {scfg.guidance!r} and "
+            f"{scfg.classifier_workdir!r}"
+        )
+    if labels and not (mcfg.class_conditional or scfg.guidance == "classifier"):
+        raise ConfigError(
+            f"Config key 'sampling.labels' is {tuple(labels)}: it asks for classes, but the model "
+            "is not class-conditional and 'sampling.guidance' is not 'classifier'"
+        )
+
+
+def check_sampling_labels(config, num_classes: int | None) -> None:
+    """Raises ConfigError if a label of ``sampling.labels`` is not a class of the data set
+    (``num_classes`` of them; None: the data set has no labels)."""
+    labels = tuple(config.sampling.labels)
+    bad = [y for y in labels if num_classes is None or y >= num_classes]
+    if bad:
+        valid = "none: it has no labels" if num_classes is None else f"0..{num_classes - 1}"
+        raise ConfigError(
+            f"Config key 'sampling.labels' is {labels}: label {bad[0]} is not a class of data "
+            f"set {config.data.name!r} (valid labels: {valid})"
+        )
+
+
+def sampling_labels(config, num_classes: int | None) -> np.ndarray | None:
+    """The labels samples cycle through, int32 ``[L]`` (sample ``i`` gets
+    ``labels[i % L]``): ``sampling.labels``, or every class ``0 .. num_classes - 1``; None when
+    sampling uses no labels (an unconditional model without classifier guidance)."""
+    if not (config.model.class_conditional or config.sampling.guidance == "classifier"):
+        return None
+    check_sampling_labels(config, num_classes)
+    return np.asarray(config.sampling.labels or range(num_classes), np.int32)
 
 
 def load(workdir, overrides: dict | None = None) -> ml_collections.ConfigDict:

@@ -1,19 +1,22 @@
 """Sample generation split over a mesh's devices and processes, shared by training and evaluation.
 
 Sample ``i`` (a global index: the preview grid's ``0..63``, or sample 41,337 of an evaluation
-run) draws all of its noise, and its class label for a conditional model, from
-``fold_in(key, i)``. Every device computes its own slice of the batch, and a set of N samples
-is the same on any number of devices or processes and in any chunking of the indices.
+run) draws all of its noise from ``fold_in(key, i)``; with class labels (a conditional model or
+classifier guidance) it gets label ``i mod L`` of the ``L`` requested ones (``sampling.labels``,
+by default every class in turn). Every device computes its own slice of the batch, and a set of
+N samples is the same on any number of devices or processes and in any chunking of the indices.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffusion_jax import config_lib, sampling, sharding
+from diffusion_jax import config_lib, guidance, sampling, sharding
 
 
 def sample_keys(rng, indices):
@@ -26,47 +29,99 @@ def padded_size(num: int, mesh) -> int:
     return -(-num // mesh.size) * mesh.size
 
 
-def make_generate_fn(config, model, mesh, param_sharding, num_samples: int):
+def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, classifier=None):
     """Jitted ``generate(params, rng, first_index) -> images [P, H, W, C]`` in [-1, 1].
 
     Generates samples ``first_index .. first_index + P - 1`` with the sampler of
     ``config.sampling`` (method, number of steps and their spacing, eta, clipping or dynamic
-    thresholding) from ``params`` (e.g. the EMA parameters, laid out as ``param_sharding``).
+    thresholding, guidance) from ``params`` (e.g. the EMA parameters, laid out as
+    ``param_sharding``). A class-conditional model, or classifier guidance, gives sample ``i``
+    the label ``sample_labels(config, num_classes, i)``. ``classifier``: the
+    ``pretrained.Classifier`` of classifier guidance (``pretrained.load_classifier``), its
+    parameters an argument of the compiled program like ``params``.
+
     ``P = padded_size(num_samples, mesh)``: the batch is split evenly over every device of the
     mesh (all processes), so it is padded to a multiple of the device count; callers keep the
     first ``num_samples`` rows. The result is a global array sharded over the batch axes
     (``to_host`` gathers it). Parameters and ``first_index`` are arguments, so one compilation
     serves a whole run.
     """
+    scfg = config.sampling
+    if (scfg.guidance == "classifier") != (classifier is not None):
+        raise ValueError(
+            f"sampling.guidance is {scfg.guidance!r}: pass the classifier of "
+            "sampling.classifier_workdir exactly when it is 'classifier'"
+        )
     options = config_lib.sampler_options(config)
     schedule = config_lib.make_sampling_schedule(config)
+    training_schedule = config_lib.make_schedule(config)
+    num_classes = model.num_classes or (classifier and classifier.model.num_classes)
+    cycle = config_lib.sampling_labels(config, num_classes)
     batch = padded_size(num_samples, mesh)
     shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
-    conditional = model.num_classes is not None
     batch_sharding = sharding.batch_sharding(mesh)
 
-    def generate(params, rng, first_index):
-        label_root, noise_root = jax.random.split(rng)
+    def generate(params, rng, first_index, classifier_params=None):
+        # The first half of the split keyed random labels before labels cycled; the noise keeps
+        # its key, so unconditional sample sets are unchanged.
+        _, noise_root = jax.random.split(rng)
         indices = first_index + jnp.arange(batch, dtype=jnp.int32)
         keys = jax.lax.with_sharding_constraint(sample_keys(noise_root, indices), batch_sharding)
-        y = None
-        if conditional:
-            y = jax.vmap(lambda k: jax.random.randint(k, (), 0, model.num_classes))(
-                sample_keys(label_root, indices)
-            )
+        y = None if cycle is None else jnp.asarray(cycle)[indices % len(cycle)]
 
-        def model_fn(x_t, t):
+        def network(x_t, t, labels=None):
             x_t = jax.lax.with_sharding_constraint(x_t, batch_sharding)
-            return model.apply({"params": params}, x_t, t, y, train=False)
+            return model.apply({"params": params}, x_t, t, labels, train=False)
 
+        if scfg.guidance == "classifier_free":
+            model_fn = guidance.classifier_free(
+                network,
+                y,
+                scfg.guidance_scale,
+                null_label=model.num_classes,
+                var_type=config.diffusion.var_type,
+            )
+        else:
+            model_fn = lambda x_t, t: network(x_t, t, None if model.num_classes is None else y)
+        if scfg.guidance == "classifier":
+            model_fn = guidance.classifier(
+                model_fn,
+                classifier_log_prob(classifier.model, classifier_params),
+                y,
+                scfg.guidance_scale,
+                training_schedule,
+                mean_type=config.diffusion.mean_type,
+                var_type=config.diffusion.var_type,
+            )
         x0 = sampling.sample(model_fn, schedule, shape, keys, **options)
         return jnp.clip(x0, -1.0, 1.0)
 
-    return jax.jit(
-        generate,
-        in_shardings=(param_sharding, None, None),
-        out_shardings=batch_sharding,
+    compiled = jax.jit(
+        generate, in_shardings=(param_sharding, None, None), out_shardings=batch_sharding
     )
+    if classifier is None:
+        return compiled
+    # A keyword argument keeps the layout the restored parameters already have.
+    return functools.partial(compiled, classifier_params=classifier.params)
+
+
+def classifier_log_prob(model, params):
+    """``log_prob_fn(x_t, t, y) -> log p(y | x_t)`` ``[B]`` of a noisy-image classifier (its
+    logits' log-softmax at ``y``), as ``guidance.classifier`` takes it."""
+
+    def log_prob_fn(x_t, t, y):
+        logits = model.apply({"params": params}, x_t, t, train=False)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return jnp.take_along_axis(log_probs, y[:, None], axis=1)[:, 0]
+
+    return log_prob_fn
+
+
+def sample_labels(config, num_classes: int | None, indices) -> np.ndarray | None:
+    """The labels int32 ``[N]`` of samples ``indices`` (global indices, as ``generate`` gives
+    them), or None when sampling uses no labels."""
+    cycle = config_lib.sampling_labels(config, num_classes)
+    return None if cycle is None else cycle[np.asarray(indices) % len(cycle)]
 
 
 def to_host(tree):

@@ -70,9 +70,10 @@ def classifier_free(model_fn, labels, scale, *, null_label: int, var_type: str =
       null_label: the model's "no label" index (the U-Net's ``num_classes``).
       var_type: the model's; with ``learned_range`` the variance half is the conditional one.
 
-    Both branches run as one batched call ``[2B]`` per step. The combination's coefficients sum
-    to one and eps, x0, v and mu are affine in each other at fixed ``(x_t, t)``, so guiding the
-    model's own parameterisation equals guiding eps and converting back: no ``mean_type``.
+    Both branches run as one batched call ``[2B]`` per step (rows ``2i, 2i + 1``: example
+    ``i`` conditional, then unconditional). The combination's coefficients sum to one and eps,
+    x0, v and mu are affine in each other at fixed ``(x_t, t)``, so guiding the model's own
+    parameterisation equals guiding eps and converting back: no ``mean_type``.
     """
     if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label < 1:
         raise ValueError(
@@ -86,14 +87,16 @@ def classifier_free(model_fn, labels, scale, *, null_label: int, var_type: str =
 
     def guided_fn(x_t, t):
         _check_batch(labels, x_t)
-        batch = x_t.shape[0]
+        # Rows 2i and 2i + 1 are example i's two branches: a batch split over devices keeps
+        # both next to their example, with no data moved between devices.
         both = model_fn(
-            jnp.concatenate([x_t, x_t]),
-            jnp.concatenate([t, t]),
-            jnp.concatenate([labels, nulls]),
+            jnp.repeat(x_t, 2, axis=0),
+            jnp.repeat(t, 2, axis=0),
+            jnp.stack([labels, nulls], axis=1).reshape(-1),
         )
-        cond, var_values = diffusion.split_model_output(both[:batch], var_type)
-        uncond, _ = diffusion.split_model_output(both[batch:], var_type)
+        both = both.reshape((x_t.shape[0], 2) + both.shape[1:])
+        cond, var_values = diffusion.split_model_output(both[:, 0], var_type)
+        uncond, _ = diffusion.split_model_output(both[:, 1], var_type)
         # c + w (c - u) = (1 + w) c - w u, and exactly c at w = 0.
         guided = cond + _per_example(scale, cond) * (cond - uncond)
         return guided if var_values is None else jnp.concatenate([guided, var_values], axis=-1)

@@ -33,10 +33,40 @@ def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
     return grid
 
 
+def rows_by_class(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(cells, cols)``: ``images [N, H, W, C]`` regrouped for ``image_grid(cells, cols)`` as
+    one row per class in increasing label order, each row's images in their order in
+    ``images``, short rows filled with mid-grey (0) cells."""
+    classes = np.unique(labels)
+    groups = [images[labels == c] for c in classes]
+    cols = max(len(g) for g in groups)
+    cells = np.zeros((len(classes) * cols,) + images.shape[1:], np.float32)
+    for row, group in enumerate(groups):
+        cells[row * cols : row * cols + len(group)] = group
+    return cells, cols
+
+
+def save_sample_grid(path, images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """Writes samples ``[N, H, W, C]`` in [-1, 1] as a PNG grid to ``path``: as square as N
+    allows, or one row per class when ``labels [N]`` are given; upscaled to about 256 pixels
+    along its longer side. Returns the grid (uint8, not upscaled)."""
+    cols = None
+    if labels is not None:
+        images, cols = rows_by_class(images, labels)
+    grid = image_grid(images, cols)
+    size = images.shape[1]
+    cells = (max(grid.shape[:2]) + 1) // (size + 1)  # images along the longer side
+    _write_png(path, grid, max(1, 256 // (size * cells)))
+    return grid
+
+
 def save_png(path, images: np.ndarray, *, scale: int = 1, cols: int | None = None):
     """Writes an image grid of ``images`` to ``path`` (nearest-neighbour upscaled by scale);
     returns the path."""
-    grid = image_grid(images, cols)
+    return _write_png(path, image_grid(images, cols), scale)
+
+
+def _write_png(path, grid: np.ndarray, scale: int):
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     png = io.BytesIO()
@@ -126,12 +156,16 @@ class Reporter:
             self._writer.add_scalar(f"train/{name}", value, step)
         self._writer.flush()
 
-    def save_samples(self, step: int, images: np.ndarray) -> epath.Path | None:
+    def save_samples(
+        self, step: int, images: np.ndarray, labels: np.ndarray | None = None
+    ) -> epath.Path | None:
+        """Writes ``samples/step_<N>.png`` and a TensorBoard image: ``images [N, H, W, C]`` in
+        [-1, 1], one row per class when ``labels [N]`` are given."""
         if not self.active:
             return None
-        scale = max(1, 256 // (images.shape[1] * int(np.ceil(np.sqrt(len(images))))))
-        path = save_png(self.workdir / "samples" / f"step_{step:08d}.png", images, scale=scale)
-        self._writer.add_image("samples", image_grid(images), step, dataformats="HWC")
+        path = self.workdir / "samples" / f"step_{step:08d}.png"
+        grid = save_sample_grid(path, images, labels)
+        self._writer.add_image("samples", grid, step, dataformats="HWC")
         self._writer.flush()
         logging.info("step %d | wrote %s", step, path)
         return path

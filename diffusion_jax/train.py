@@ -48,12 +48,14 @@ def _is_finite(value) -> bool:
 def train_and_evaluate(config, workdir) -> dict[str, float]:
     """Runs (or resumes) training in ``workdir``; returns the last logged metrics."""
     import jax
+    import numpy as np
 
     from diffusion_jax import (
         checkpointing,
         config_lib,
         generate,
         input_pipeline,
+        pretrained,
         reporting,
         sharding,
         train_step,
@@ -68,10 +70,12 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
             f"Config key 'model.class_conditional' is True but data set {config.data.name!r} "
             "has no class labels"
         )
+    config_lib.check_sampling_labels(config, num_classes)
     data_iterator = input_pipeline.create_train_iterator(
         config.data, global_batch_size=tcfg.batch_size, seed=config.seed
     )
     mesh = sharding.make_mesh(tcfg.fsdp)
+    classifier = pretrained.load_classifier(config, mesh) if tcfg.sample_every else None
     model = config_lib.make_model(config, num_classes)
     schedule = config_lib.make_schedule(config)
     optimizer, lr_schedule = train_step.make_optimizer(config.optim)
@@ -107,11 +111,12 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         config, model, schedule, optimizer, lr_schedule, mesh, shardings
     )
     num_preview = config.sampling.num_samples
-    generate_fn = (
-        generate.make_generate_fn(config, model, mesh, shardings.ema_params, num_preview)
-        if tcfg.sample_every
-        else None
-    )
+    generate_fn, preview_labels = None, None
+    if tcfg.sample_every:
+        generate_fn = generate.make_generate_fn(
+            config, model, mesh, shardings.ema_params, num_preview, classifier
+        )
+        preview_labels = generate.sample_labels(config, num_classes, np.arange(num_preview))
     reporter = reporting.Reporter(
         workdir,
         total_steps=tcfg.num_steps,
@@ -143,7 +148,8 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
                 reporter.log_train(step, last_logged)
             if generate_fn is not None and step % tcfg.sample_every == 0:
                 images = generate_fn(state.ema_params, jax.random.PRNGKey(config.seed + step), 0)
-                reporter.save_samples(step, generate.to_host(images)[:num_preview])
+                images = generate.to_host(images)[:num_preview]
+                reporter.save_samples(step, images, preview_labels)
             stopping = (stop is not None and stop.received) or checkpointer.reached_preemption(step)
             if stopping or step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
                 drain()

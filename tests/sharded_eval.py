@@ -4,7 +4,9 @@
 - ``bpd`` of the exact Gaussian denoiser over the digits test split (297 examples, batches of
   40 or 64: the last one padded): every example's bound, per mesh and batch size;
 - ``generate`` with a tiny U-Net: the batch of every convolution in the compiled program, and
-  the samples, per mesh.
+  the samples, per mesh;
+- ``generate`` with classifier-free guidance: the collectives in the compiled program (the
+  two branches of an example run on its device), and the samples, per mesh.
 """
 
 import json
@@ -17,7 +19,9 @@ import numpy as np
 
 from diffusion_jax import config_lib, generate, sharding, train_step
 from diffusion_jax.evaluators import bpd
-from tests import test_evaluate
+from tests import test_evaluate, test_guided_generation
+
+COLLECTIVES = r"\b(all-to-all|collective-permute|all-gather|all-reduce|reduce-scatter)\b"
 
 
 def main():
@@ -50,6 +54,22 @@ def main():
         result[f"generate_{num_devices}"] = {
             "conv_batches": conv_batches,
             "samples": samples.tolist(),
+        }
+    for num_devices in (1, 4):
+        mesh = sharding.make_mesh(1, devices=jax.devices()[:num_devices])
+        config = test_evaluate.tiny_config(
+            **test_guided_generation.CONDITIONAL,
+            **test_guided_generation.GROUPS,
+            **{"sampling.guidance": "classifier_free", "sampling.guidance_scale": 2.0},
+        )
+        config.sampling.num_steps = 10
+        model = config_lib.make_model(config, 10)
+        params = test_guided_generation.perturbed_params(config, model, mesh)
+        generate_fn = generate.make_generate_fn(config, model, mesh, sharding.replicated(mesh), 64)
+        hlo = generate_fn.lower(params, rng, 0).compile().as_text()
+        result[f"guided_{num_devices}"] = {
+            "collectives": sorted(set(re.findall(COLLECTIVES, hlo))),
+            "samples": generate.to_host(generate_fn(params, rng, 0)).tolist(),
         }
     json.dump(result, sys.stdout)
 

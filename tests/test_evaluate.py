@@ -156,6 +156,13 @@ def test_generation_is_split_over_devices_and_device_count_invariant(sharded_run
     assert np.std(one["samples"]) > 0.1  # not a constant
 
 
+def test_classifier_free_guidance_keeps_both_branches_on_the_examples_device(sharded_runs):
+    one, four = sharded_runs["guided_1"], sharded_runs["guided_4"]
+    assert four["collectives"] == []
+    np.testing.assert_allclose(four["samples"], one["samples"], atol=1e-4)
+    assert np.std(one["samples"]) > 0.1
+
+
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
     from diffusion_jax import train

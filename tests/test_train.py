@@ -36,12 +36,12 @@ from diffusion_jax import (
     generate,
     input_pipeline,
     losses,
+    pretrained,
     reporting,
     sharding,
     train,
     train_step,
 )
-from diffusion_jax.evaluators import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -399,7 +399,7 @@ def test_checkpoint_without_a_recorded_config_is_checked_against_config_json(ref
         shutil.rmtree(workdir / "checkpoints" / str(step) / "config")
     with pytest.raises(config_lib.ConfigError, match=r"training.batch_size 16 -> 8\."):
         train.train_and_evaluate(_reference_config(**{"training.batch_size": 8}), workdir)
-    config, step = common.load_config(workdir, None)
+    config, step = pretrained.load_config(workdir, None)
     assert step == _STEPS and config.to_dict() == _reference_config().to_dict()
 
 
@@ -417,8 +417,8 @@ def test_resume_with_more_steps_continues_and_keeps_every_runs_config(reference,
     assert re.fullmatch(rf"config_step{_STEPS}_\d{{8}}T\d{{6}}Z\.json", history.name)
     assert json.loads(history.read_text())["training"]["num_steps"] == _STEPS + 1
     # Each checkpoint records the config that trained it; the evaluation program uses it.
-    assert common.load_config(workdir, _STEPS + 1)[0].training.num_steps == _STEPS + 1
-    assert common.load_config(workdir, _STEPS)[0].training.num_steps == _STEPS
+    assert pretrained.load_config(workdir, _STEPS + 1)[0].training.num_steps == _STEPS + 1
+    assert pretrained.load_config(workdir, _STEPS)[0].training.num_steps == _STEPS
     # A restart with the same config (after a preemption, say) adds no file.
     train.train_and_evaluate(longer, workdir)
     assert len(list(workdir.glob("config*.json"))) == 2
@@ -704,7 +704,8 @@ def test_bfloat16_class_conditional_run_with_a_sample_grid(cache_dir, tmp_path, 
     """One short run covers three features no other run trains with. bfloat16 compute: the
     loss falls, parameters stay float32. Class labels: the batches' labels, and only those,
     train the label embedding, and the output depends on the label. Sample grids: the PNG is
-    the EMA sampler's output, quantised."""
+    the EMA sampler's output, quantised, one row per requested label (samples 0, 2, 4 get the
+    first, 1, 3, 5 the second)."""
     steps, scale = 30, 10  # a grid of 2 x 3 tiles of 8x8, upscaled 256 // (3 * 8)
     config = _tiny(
         **{
@@ -714,6 +715,7 @@ def test_bfloat16_class_conditional_run_with_a_sample_grid(cache_dir, tmp_path, 
             "training.num_steps": steps,
             "training.sample_every": steps,
             "sampling.num_samples": 6,
+            "sampling.labels": (5, 3),
         }
     )
     logged_loss = {}
@@ -754,13 +756,20 @@ def test_bfloat16_class_conditional_run_with_a_sample_grid(cache_dir, tmp_path, 
     mesh = sharding.make_mesh(1)
     num = config.sampling.num_samples
     generate_fn = generate.make_generate_fn(config, model, mesh, sharding.replicated(mesh), num)
-    samples = generate_fn(state["ema_params"], jax.random.PRNGKey(config.seed + steps), 0)
-    samples = np.asarray(samples)[:num, ..., 0]
+    rng = jax.random.PRNGKey(config.seed + steps)
+    samples = np.asarray(generate_fn(state["ema_params"], rng, 0))[:num, ..., 0]
     quantised = np.round(127.5 * np.clip(samples, -1, 1) + 127.5).astype(np.uint8)
     for i, image in enumerate(quantised):
-        row, col = divmod(i, 3)
+        row, col = 1 - i % 2, i // 2  # label 3 (odd samples) is the first row
         tile = grid[row * 9 * scale :: scale, col * 9 * scale :: scale][:8, :8]
         np.testing.assert_array_equal(tile, image, err_msg=f"sample {i}")
+    # Sample i's label is labels[i % 2]: asking for label 5 alone changes the odd samples only
+    # (slightly: after 30 steps the EMA of the label embedding has barely moved).
+    config.sampling.labels = (5,)
+    generate_fn = generate.make_generate_fn(config, model, mesh, sharding.replicated(mesh), num)
+    fives = np.asarray(generate_fn(state["ema_params"], rng, 0))[:num, ..., 0]
+    np.testing.assert_array_equal(fives[0::2], samples[0::2])
+    assert np.abs(fives[1::2] - samples[1::2]).max() > 2e-5
 
 
 def test_importance_sampled_timesteps(tmp_path):

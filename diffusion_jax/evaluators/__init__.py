@@ -21,13 +21,13 @@ def evaluate(workdir, mode: str, step: int | None = None, overrides: dict | None
     sets its XLA flags first."""
     import jax
 
-    from diffusion_jax import config_lib
+    from diffusion_jax import config_lib, pretrained
     from diffusion_jax.evaluators import common
 
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; valid: {', '.join(MODES)}")
     evaluator = importlib.import_module(f"diffusion_jax.evaluators.{MODES[mode]}")
-    config, step = common.load_config(workdir, step, overrides)
+    config, step = pretrained.load_config(workdir, step, overrides)
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     context = common.restore(config, workdir, step)
     logging.info("Evaluating step %d of %s: %s", context.step, workdir, mode)

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import checkpointing, config_lib, generate, input_pipeline, sharding, train_step
+from diffusion_jax import generate, pretrained, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,40 +50,12 @@ class Context:
         return (data.image_size, data.image_size, data.channels)
 
 
-def load_config(workdir, step: int | None, overrides: dict | None = None):
-    """``(config, step)``: the config checkpoint ``step`` (None: the latest) of ``workdir`` was
-    trained with, with ``overrides`` (dotted keys) set, and that step. For a checkpoint saved
-    before checkpoints recorded their config: the workdir's ``config.json``."""
-    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
-    try:
-        step = checkpointer.step_to_evaluate(step)
-        saved = checkpointer.saved_config(step)
-    finally:
-        checkpointer.close()
-    if saved is None:
-        return config_lib.load(workdir, overrides), step
-    return config_lib.from_dict(saved, overrides, source=f"checkpoint {step}"), step
-
-
 def restore(config, workdir, step: int) -> Context:
     """Builds the model of ``config`` and restores only the EMA parameters of checkpoint
     ``step`` of ``workdir``."""
-    workdir = epath.Path(workdir)
-    image_shape, num_classes = input_pipeline.dataset_spec(config.data)
     mesh = sharding.make_mesh(config.training.fsdp)
-    model = config_lib.make_model(config, num_classes)
-    optimizer, _ = train_step.make_optimizer(config.optim)
-    abstract, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
-    target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract.ema_params,
-        shardings.ema_params,
-    )
-    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
-    try:
-        params = checkpointer.restore_ema_params(step, target)
-    finally:
-        checkpointer.close()
+    model, params, param_sharding = pretrained.restore_ema(config, workdir, step, mesh)
+    workdir = epath.Path(workdir)
     return Context(
         config=config,
         workdir=workdir,
@@ -91,7 +63,7 @@ def restore(config, workdir, step: int) -> Context:
         mesh=mesh,
         model=model,
         params=params,
-        param_sharding=shardings.ema_params,
+        param_sharding=param_sharding,
         eval_dir=workdir / "eval",
     )
 

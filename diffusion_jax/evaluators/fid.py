@@ -168,7 +168,7 @@ def _subset(features: np.ndarray, size: int, seed: int) -> np.ndarray:
 def run(ctx: common.Context) -> dict:
     cfg = ctx.config
     directory = samples.sample_dir(ctx)
-    images = samples.load_samples(directory, limit=cfg.eval.num_samples)
+    images, labels = samples.load_samples(directory, limit=cfg.eval.num_samples, with_labels=True)
     if images.shape[1:] != ctx.image_shape:
         raise ValueError(
             f"Samples in {directory} are {'x'.join(map(str, images.shape[1:]))} images, but "
@@ -208,7 +208,21 @@ def run(ctx: common.Context) -> dict:
     }
     if cfg.data.name == "digits":
         result.update(_digits_baselines(ctx, net, ref_stats, features))
+        if labels is not None:
+            result.update(_label_agreement(logits, labels))
     return result
+
+
+def _label_agreement(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """How often the digits classifier (trained apart from the generator, on the train split)
+    names the label a sample was generated for: overall and per requested label."""
+    agree = np.argmax(logits, axis=1) == labels
+    return {
+        "label_agreement": float(agree.mean()),
+        "label_agreement_by_class": {
+            int(c): float(agree[labels == c].mean()) for c in np.unique(labels)
+        },
+    }
 
 
 def _digits_baselines(ctx, net, ref_stats, sample_features) -> dict:
@@ -234,6 +248,8 @@ def summary(result: dict) -> str:
         f"{result['kid']:.5f}, precision {result['precision']:.3f}, recall "
         f"{result['recall']:.3f} ({result['num_samples']} samples, {result['feature_network']})"
     )
+    if "label_agreement" in result:
+        text += f", label agreement {result['label_agreement']:.3f}"
     if "fid_real_test" in result:
         text += (
             f"; real test digits: FID {result['fid_real_test']:.3f} "

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from diffusion_jax import checkpointing, generate, reporting
+from diffusion_jax import checkpointing, config_lib, generate, input_pipeline, pretrained, reporting
 from diffusion_jax.evaluators import common
 
 SHARD_PATTERN = "shard_*.npz"
@@ -30,9 +30,9 @@ def sample_dir(ctx: common.Context) -> epath.Path:
     return ctx.eval_dir / f"samples_step{ctx.step}"
 
 
-def _meta(ctx: common.Context) -> dict:
+def _meta(ctx: common.Context, classifier) -> dict:
     cfg = ctx.config
-    return {
+    meta = {
         "workdir": str(checkpointing.absolute(ctx.workdir)),
         "step": ctx.step,
         "num_samples": cfg.eval.num_samples,
@@ -40,6 +40,9 @@ def _meta(ctx: common.Context) -> dict:
         "seed": cfg.eval.seed,
         "sampling": {k: v for k, v in cfg.sampling.to_dict().items() if k != "num_samples"},
     }
+    if classifier is not None:
+        meta["classifier_step"] = classifier.step
+    return meta
 
 
 def _check_meta(directory: epath.Path, meta: dict) -> None:
@@ -58,7 +61,10 @@ def run(ctx: common.Context) -> dict:
     cfg = ctx.config
     num, batch_size = cfg.eval.num_samples, cfg.eval.batch_size
     directory = sample_dir(ctx)
-    meta = _meta(ctx)
+    num_classes = input_pipeline.dataset_spec(cfg.data)[1]
+    config_lib.check_sampling_labels(cfg, num_classes)
+    classifier = pretrained.load_classifier(cfg, ctx.mesh)
+    meta = _meta(ctx, classifier)
     _check_meta(directory, meta)
     if ctx.is_main:
         common.write_json(directory / "meta.json", meta)
@@ -68,7 +74,7 @@ def run(ctx: common.Context) -> dict:
     # part in the same sharded calls.
     todo = [k for k, path in enumerate(paths) if not path.exists()]
     generate_fn = generate.make_generate_fn(
-        cfg, ctx.model, ctx.mesh, ctx.param_sharding, batch_size
+        cfg, ctx.model, ctx.mesh, ctx.param_sharding, batch_size, classifier
     )
     rng = jax.random.PRNGKey(cfg.eval.seed)
     progress = common.Progress("sample", num, "samples", done=(num_shards - len(todo)) * batch_size)
@@ -76,13 +82,16 @@ def run(ctx: common.Context) -> dict:
         count = min(batch_size, num - k * batch_size)
         images = generate.to_host(generate_fn(ctx.params, rng, k * batch_size))[:count]
         if ctx.is_main:
-            pixels = generate.to_uint8(images)
-            common.write_atomically(paths[k], common.npz_bytes(images=pixels))
+            arrays = {"images": generate.to_uint8(images)}
+            labels = generate.sample_labels(cfg, num_classes, k * batch_size + np.arange(count))
+            if labels is not None:
+                arrays["labels"] = labels
+            common.write_atomically(paths[k], common.npz_bytes(**arrays))
         progress.update(min(num, (k + 1) * batch_size))
     grid_path = ctx.eval_dir / f"samples_step{ctx.step}.png"
     if ctx.is_main:
-        grid = load_samples(directory, limit=GRID_SIZE)
-        reporting.save_png(grid_path, grid.astype(np.float32) / 127.5 - 1.0, scale=_scale(grid))
+        grid, labels = load_samples(directory, limit=GRID_SIZE, with_labels=True)
+        reporting.save_sample_grid(grid_path, grid.astype(np.float32) / 127.5 - 1.0, labels)
     generated = len(todo) * batch_size
     return {
         "num_samples": num,
@@ -95,23 +104,26 @@ def run(ctx: common.Context) -> dict:
     }
 
 
-def _scale(images: np.ndarray) -> int:
-    return max(1, 256 // (images.shape[1] * int(np.ceil(np.sqrt(len(images))))))
-
-
-def load_samples(directory, limit: int | None = None) -> np.ndarray:
+def load_samples(directory, limit: int | None = None, *, with_labels: bool = False):
     """The uint8 ``[N, H, W, C]`` samples of ``directory``'s shards in order (at most
-    ``limit``). Raises ValueError for a directory without shards or with mixed image shapes."""
+    ``limit``); with ``with_labels``, ``(samples, labels)``: their int32 ``[N]`` class labels,
+    or None for samples generated without labels. Raises ValueError for a directory without
+    shards, with mixed image shapes or with labels for some shards only."""
     directory = epath.Path(directory)
     paths = sorted(directory.glob(SHARD_PATTERN))
     if not paths:
         raise ValueError(f"No sample shards ({SHARD_PATTERN}) in {directory}")
-    chunks, total = [], 0
+    chunks, label_chunks, total = [], [], 0
     for path in paths:
         try:
-            images = common.read_npz(path)["images"]
+            arrays = common.read_npz(path)
+            images = arrays["images"]
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"Cannot read samples from {path}: {e}") from e
+        if ("labels" in arrays) != bool(label_chunks or not chunks):
+            raise ValueError(f"{path}: some shards of {directory} have labels, others not")
+        if "labels" in arrays:
+            label_chunks.append(arrays["labels"])
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(
                 f"{path}: 'images' must be uint8 [n, H, W, C], got {images.dtype} "
@@ -125,7 +137,10 @@ def load_samples(directory, limit: int | None = None) -> np.ndarray:
         total += len(images)
         if limit is not None and total >= limit:
             break
-    return np.concatenate(chunks)[:limit]
+    images = np.concatenate(chunks)[:limit]
+    if not with_labels:
+        return images
+    return images, np.concatenate(label_chunks)[:limit] if label_chunks else None
 
 
 def summary(result: dict) -> str:

@@ -1,0 +1,107 @@
+"""Trained runs as inputs: the config and EMA parameters of a workdir's checkpoint, for the
+evaluation program and for the noisy classifier of classifier guidance.
+
+Only the EMA parameters are read (no optimizer state, no data position), laid out over the
+caller's mesh like the training program lays them out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from etils import epath
+
+from diffusion_jax import checkpointing, config_lib, input_pipeline, train_step
+
+
+def load_config(workdir, step: int | None, overrides: dict | None = None):
+    """``(config, step)``: the config checkpoint ``step`` (None: the latest) of ``workdir`` was
+    trained with, with ``overrides`` (dotted keys) set, and that step. For a checkpoint saved
+    before checkpoints recorded their config: the workdir's ``config.json``."""
+    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
+    try:
+        step = checkpointer.step_to_evaluate(step)
+        saved = checkpointer.saved_config(step)
+    finally:
+        checkpointer.close()
+    if saved is None:
+        return config_lib.load(workdir, overrides), step
+    return config_lib.from_dict(saved, overrides, source=f"checkpoint {step}"), step
+
+
+def restore_ema(config, workdir, step: int, mesh):
+    """``(model, params, param_sharding)``: the network of ``config`` and the EMA parameters of
+    checkpoint ``step`` of ``workdir``, sharded over ``mesh`` as in training."""
+    image_shape, num_classes = input_pipeline.dataset_spec(config.data)
+    model = config_lib.make_model(config, num_classes)
+    optimizer, _ = train_step.make_optimizer(config.optim)
+    abstract, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract.ema_params,
+        shardings.ema_params,
+    )
+    checkpointer = checkpointing.Checkpointer(epath.Path(workdir), read_only=True)
+    try:
+        params = checkpointer.restore_ema_params(step, target)
+    finally:
+        checkpointer.close()
+    return model, params, shardings.ema_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """A noisy-image classifier restored for guidance: ``model.apply`` gives logits of
+    ``p(y | x_t)``; ``params`` (EMA) laid out as ``param_sharding``."""
+
+    model: Any
+    params: Any
+    param_sharding: Any
+    workdir: str
+    step: int
+
+
+def load_classifier(config, mesh) -> Classifier | None:
+    """The latest checkpoint of ``sampling.classifier_workdir`` when ``config`` samples with
+    classifier guidance, else None. Raises ConfigError if that run is not a noisy classifier
+    of ``config``'s images, classes and forward process."""
+    if config.sampling.guidance != "classifier":
+        return None
+    workdir = config.sampling.classifier_workdir
+    try:
+        classifier_config, step = load_config(workdir, None)
+    except (config_lib.ConfigError, checkpointing.CheckpointError) as e:
+        raise config_lib.ConfigError(
+            f"Config key 'sampling.classifier_workdir' ({workdir!r}) holds no usable run: {e}"
+        ) from e
+    _check_classifier(config, classifier_config, workdir)
+    model, params, param_sharding = restore_ema(classifier_config, workdir, step, mesh)
+    return Classifier(model, params, param_sharding, str(workdir), step)
+
+
+def _check_classifier(config, classifier_config, workdir) -> None:
+    def mismatch(what, theirs, ours):
+        return config_lib.ConfigError(
+            f"Config key 'sampling.classifier_workdir' ({workdir!r}): the classifier there "
+            f"{what} {theirs}, the model sampled here {ours}"
+        )
+
+    if classifier_config.model.kind != "classifier":
+        raise mismatch("is not one: model.kind", repr(classifier_config.model.kind), "needs one")
+    shape = lambda c: f"{c.data.image_size}x{c.data.image_size}x{c.data.channels}"
+    if shape(classifier_config) != shape(config):
+        raise mismatch(
+            "was trained on images of", shape(classifier_config), f"generates {shape(config)}"
+        )
+    process = lambda c: f"{c.diffusion.schedule!r} x {c.diffusion.num_timesteps}"
+    if process(classifier_config) != process(config):
+        raise mismatch(
+            "was trained on the noise schedule",
+            process(classifier_config),
+            f"uses {process(config)}",
+        )
+    classes = lambda c: input_pipeline.dataset_spec(c.data)[1]
+    if classes(classifier_config) != classes(config):
+        raise mismatch("tells apart classes:", classes(classifier_config), f"has {classes(config)}")

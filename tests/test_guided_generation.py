@@ -1,0 +1,151 @@
+"""Guidance and class labels in the programs: the ``sampling.*`` keys, ``generate`` with
+classifier-free guidance against a hand-built guided chain, preview grids with one row per
+class, and label agreement of scored samples."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import config_lib, generate, reporting, sampling, sharding, train_step
+from diffusion_jax.evaluators import fid
+from tests.test_evaluate import tiny_config
+
+CONDITIONAL = {"model.class_conditional": True, "model.label_dropout": 0.1}
+# GroupNorm over single channels (32 groups of 32 channels) would remove the per-channel offset
+# by which the time and label embeddings enter each residual block: labels would not matter.
+GROUPS = {"model.num_groups": 8}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"sampling.guidance_scale": 2.0}, "'sampling.guidance_scale' .* 'sampling.guidance' is"),
+        ({"sampling.guidance": "cfg"}, "'sampling.guidance' is 'cfg'; valid: none, classifier_fr"),
+        (
+            {"sampling.guidance": "classifier_free"},
+            "needs a class-conditional model, but 'model.class_conditional' is False",
+        ),
+        (
+            {"model.class_conditional": True, "sampling.guidance": "classifier_free"},
+            "trained with 0, so its null label means nothing",
+        ),
+        (
+            {**CONDITIONAL, "sampling.guidance": "classifier_free", "sampling.guidance_scale": -1},
+            "'sampling.guidance_scale' must be >= 0, got -1",
+        ),
+        ({"sampling.guidance": "classifier"}, "'sampling.classifier_workdir' .* go together"),
+        ({"sampling.classifier_workdir": "/c"}, "'sampling.classifier_workdir' .* go together"),
+        ({"sampling.labels": (1, 2)}, "'sampling.labels' .* the model is not class-conditional"),
+        ({**CONDITIONAL, "sampling.labels": (1, -2)}, "'sampling.labels' must hold ints >= 0"),
+    ],
+)
+def test_bad_guidance_config_names_the_key(overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=message) as info:
+        config_lib.validate(tiny_config(**overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_a_label_the_data_set_lacks_is_named():
+    config = tiny_config(**CONDITIONAL, **{"sampling.labels": (3, 10)})
+    config_lib.validate(config)  # the number of classes comes with the data
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"is \(3, 10\): label 10 is not a class of data set 'digits' \(valid labels: 0..9\)",
+    ):
+        config_lib.check_sampling_labels(config, 10)
+    with pytest.raises(config_lib.ConfigError, match="label 3 .* none: it has no labels"):
+        config_lib.check_sampling_labels(config, None)
+
+
+def test_labels_cycle_through_the_requested_classes():
+    indices = np.arange(3, 15)
+    assert generate.sample_labels(tiny_config(), 10, indices) is None
+    every = generate.sample_labels(tiny_config(**CONDITIONAL), 10, indices)
+    np.testing.assert_array_equal(every, [3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4])
+    chosen = tiny_config(**CONDITIONAL, **{"sampling.labels": (7, 2, 2)})
+    np.testing.assert_array_equal(generate.sample_labels(chosen, 10, indices), [7, 2, 2] * 4)
+
+
+def perturbed_params(config, model, mesh):
+    """Initial parameters of ``model`` (laid out over ``mesh``) perturbed: a zero-initialised
+    output layer would make every guided prediction zero."""
+    optimizer, _ = train_step.make_optimizer(config.optim)
+    _, shardings = train_step.state_shardings(config, model, optimizer, (8, 8, 1), mesh)
+    state = train_step.create_train_state(config, model, optimizer, (8, 8, 1), shardings)
+    leaves, tree = jax.tree_util.tree_flatten(state.ema_params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def test_classifier_free_generation_equals_a_hand_guided_chain():
+    """``generate`` with guidance against ``sampling.sample`` driven by an independent
+    combination of two separate network calls; w = 0 is conditional sampling."""
+    num, w = 12, 2.5
+    config = tiny_config(
+        **CONDITIONAL,
+        **GROUPS,
+        **{"sampling.guidance": "classifier_free", "sampling.guidance_scale": w},
+    )
+    config.sampling.num_steps = 10
+    model, mesh = config_lib.make_model(config, 10), sharding.make_mesh(1)
+    params = perturbed_params(config, model, mesh)
+    rng = jax.random.PRNGKey(7)
+    first = 5
+    guided = generate.make_generate_fn(config, model, mesh, sharding.replicated(mesh), num)
+    samples = np.asarray(guided(params, rng, first))
+
+    labels = jnp.asarray(generate.sample_labels(config, 10, first + np.arange(num)))
+    apply = lambda x, t, y: model.apply({"params": params}, x, t, y, train=False)
+
+    def by_hand(x_t, t):
+        cond, uncond = apply(x_t, t, labels), apply(x_t, t, jnp.full_like(labels, 10))
+        return (1 + w) * cond - w * uncond
+
+    keys = generate.sample_keys(jax.random.split(rng)[1], first + jnp.arange(num))
+    expected = sampling.sample(
+        by_hand,
+        config_lib.make_sampling_schedule(config),
+        (num, 8, 8, 1),
+        keys,
+        **config_lib.sampler_options(config),
+    )
+    np.testing.assert_allclose(samples, np.clip(expected, -1, 1), atol=2e-5)
+
+    config.sampling.guidance_scale = 0.0
+    at_zero = generate.make_generate_fn(config, model, mesh, sharding.replicated(mesh), num)
+    config.sampling.guidance = "none"
+    conditional = generate.make_generate_fn(config, model, mesh, sharding.replicated(mesh), num)
+    np.testing.assert_allclose(
+        np.asarray(at_zero(params, rng, first)),
+        np.asarray(conditional(params, rng, first)),
+        atol=2e-5,
+    )
+    assert np.abs(samples - np.asarray(conditional(params, rng, first))).max() > 0.05
+
+
+def test_generate_refuses_a_missing_or_unasked_classifier():
+    config = tiny_config()
+    model = config_lib.make_model(config)
+    mesh = sharding.make_mesh(1)
+    with pytest.raises(ValueError, match="exactly when it is 'classifier'"):
+        generate.make_generate_fn(config, model, mesh, None, 4, classifier=object())
+
+
+def test_rows_by_class_puts_each_class_on_its_own_row():
+    images = np.arange(7, dtype=np.float32)[:, None, None, None] * np.ones((7, 2, 2, 1))
+    labels = np.array([4, 1, 4, 1, 4, 1, 9])
+    cells, cols = reporting.rows_by_class(images / 10, labels)
+    assert cols == 3
+    np.testing.assert_array_equal(
+        cells[:, 0, 0, 0] * 10,
+        [1, 3, 5, 0, 2, 4, 6, 0, 0],  # rows: 1, 4, 9; grey fill
+    )
+
+
+def test_label_agreement_is_the_argmax_match_rate():
+    logits = np.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    result = fid._label_agreement(logits, np.array([1, 0, 0, 0]))
+    assert result["label_agreement"] == 0.5
+    assert result["label_agreement_by_class"] == {0: 1 / 3, 1: 1.0}
