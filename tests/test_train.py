@@ -687,6 +687,11 @@ def test_improved_ddpm_config_reduced_network_on_mock_data(tmp_path):
     assert "vlb_bpd" in metrics
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.stem)
+def test_every_config_file_is_valid(path):
+    config_lib.validate(_config(path.stem))
+
+
 @pytest.mark.slow
 def test_cifar10_config_full_network_on_mock_data(tmp_path):
     config = _config(
