@@ -81,8 +81,9 @@ if run train_f32; then
     "${net[@]}"
 fi
 if run sampler; then
-  step sampler 150 python3 bench/sampler.py --dtype bfloat16 --batch "${SAMPLER_BATCH:-256}" \
-    --steps "${SAMPLER_STEPS:-1000}" --respaced_steps 100 --repeats 1 "${net[@]}"
+  step sampler 200 python3 bench/sampler.py --dtype bfloat16 --batch "${SAMPLER_BATCH:-256}" \
+    --steps "${SAMPLER_STEPS:-1000}" --respaced_steps 100 --guidance_steps 100 --repeats 1 \
+    "${net[@]}"
 fi
 if run profile; then
   step profile 100 python3 bench/profile_train.py --dtype bfloat16 --batch "$batch" \

@@ -17,7 +17,9 @@ Samplers:
     respaced to that many);
   - every method of ``sampling.SAMPLING_METHODS`` (``ancestral_respaced`` for ancestral) over
     ``--respaced_steps`` grid steps (0 skips them): as many evaluations, heun 2K - 1;
-  - with ``--record_every N``, also ``ancestral`` recording the trajectory every N steps.
+  - with ``--record_every N``, also ``ancestral`` recording the trajectory every N steps;
+  - ``sampler_guidance``: classifier-free and classifier guidance against unguided sampling of
+    the same conditional network, ``--guidance_steps`` steps (``bench_guidance``).
 
 Then the chains without the network (``model_fn`` a cheap elementwise function), every method
 over ``--steps`` steps and ancestral also recording its trajectory: the cost per evaluation of
@@ -48,10 +50,11 @@ from _common import (  # noqa: E402
     timed,
 )
 
-from diffusion_jax import config_lib, sampling, schedules  # noqa: E402
-from diffusion_jax.models import UNet  # noqa: E402
+from diffusion_jax import config_lib, generate, guidance, sampling, schedules  # noqa: E402
+from diffusion_jax.models import NoisyClassifier, UNet  # noqa: E402
 
 NUM_TIMESTEPS = 1000  # the trained process; shorter chains are respacings of it
+NUM_CLASSES = 10
 
 
 def make_schedule(num_steps: int) -> schedules.Schedule:
@@ -181,6 +184,90 @@ def bench_network(args):
         )
 
 
+def bench_guidance(args):
+    """Cost per step of guided against unguided sampling at equal batch, one JSON line each.
+
+    One conditional U-Net (10 classes) and the same respaced ancestral chain of
+    ``--guidance_steps`` steps: ``none`` (conditional sampling), ``classifier_free`` (both
+    branches in one network call of twice the batch) and ``classifier`` (the U-Net plus the
+    gradient of a noisy classifier with the same downsampling half). Timed rounds alternate the
+    three; ``ratio`` is each one's best wall time over the unguided one (target for
+    classifier-free guidance: <= 2.1).
+    """
+    net = dict(
+        ch=args.ch,
+        ch_mult=args.ch_mult,
+        num_res_blocks=args.num_res_blocks,
+        num_groups=min(32, args.ch),
+        dtype=config_lib.COMPUTE_DTYPES[args.dtype],
+    )
+    model = UNet(num_classes=NUM_CLASSES, **net)
+    classifier = NoisyClassifier(num_classes=NUM_CLASSES, **net)
+    shape = (args.batch, args.image_size, args.image_size, 3)
+    key = jax.random.PRNGKey(0)
+    x, t = jnp.zeros(shape), jnp.zeros((args.batch,), jnp.int32)
+    labels = jnp.arange(args.batch, dtype=jnp.int32) % NUM_CLASSES
+    params = jax.jit(lambda k: model.init(k, x, t, labels, train=False))(key)
+    classifier_params = jax.jit(lambda k: classifier.init(k, x, t, train=False))(key)
+    schedule = make_schedule(args.guidance_steps)
+    training_schedule = make_schedule(NUM_TIMESTEPS)
+
+    def model_fn_of(guidance_kind):
+        def of(all_params):
+            unet, cls = all_params
+            network = lambda x, t, y: model.apply(unet, x, t, y, train=False)
+            if guidance_kind == "classifier_free":
+                return guidance.classifier_free(
+                    network, labels, args.guidance_scale, null_label=NUM_CLASSES
+                )
+            conditional = lambda x, t: network(x, t, labels)
+            if guidance_kind == "none":
+                return conditional
+            return guidance.classifier(
+                conditional,
+                generate.classifier_log_prob(classifier, cls["params"]),
+                labels,
+                args.guidance_scale,
+                training_schedule,
+            )
+
+        return of
+
+    kinds = ("none", "classifier_free", "classifier")
+    samplers, compile_s = {}, {}
+    for kind in kinds:
+        sampler = make_sampler(model_fn_of(kind), schedule, shape)
+        samplers[kind], compile_s[kind] = time_compile(sampler, (params, classifier_params), key)
+    times = {kind: [] for kind in kinds}
+    for r in range(args.warmup + args.repeats):
+        for kind in kinds:
+            run = functools.partial(
+                samplers[kind], (params, classifier_params), jax.random.PRNGKey(r)
+            )
+            times[kind].append(wall_and_cpu(run))
+    best_times = {kind: best(ts[args.warmup :]) for kind, ts in times.items()}
+    for kind in kinds:
+        (wall, cpu), (base_wall, base_cpu) = best_times[kind], best_times["none"]
+        emit(
+            bench="sampler_guidance",
+            guidance=kind,
+            scale=0.0 if kind == "none" else args.guidance_scale,
+            steps=args.guidance_steps,
+            batch=args.batch,
+            ch=args.ch,
+            image_size=args.image_size,
+            dtype=args.dtype,
+            s=wall,
+            s_all=[w for w, _ in times[kind][args.warmup :]],
+            per_step_ms=1e3 * wall / args.guidance_steps,
+            ratio=wall / base_wall,
+            cpu_s=cpu,
+            cpu_ratio=cpu / base_cpu,
+            compile_s=compile_s[kind],
+            peak_device_mib=peak_device_mib(),
+        )
+
+
 def bench_chain_only(args):
     """The sampler's own cost per evaluation, with a network-free ``model_fn``."""
     shape = (args.batch, args.image_size, args.image_size, 3)
@@ -251,10 +338,17 @@ def main(argv=None):
         default=0,
         help="also time ancestral sampling recording the trajectory",
     )
+    parser.add_argument(
+        "--guidance_steps",
+        type=int,
+        default=100,
+        help="steps of the guided and unguided chains compared; 0 skips them",
+    )
+    parser.add_argument("--guidance_scale", type=float, default=3.0, help="w and s")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before them")
     args = parser.parse_args(argv)
-    for name in ("steps", "respaced_steps"):
+    for name in ("steps", "respaced_steps", "guidance_steps"):
         if not 0 <= getattr(args, name) <= NUM_TIMESTEPS:
             parser.error(f"--{name} must lie in [0, {NUM_TIMESTEPS}]")
     if min(args.steps, args.repeats, args.batch, args.warmup + 1) < 1:
@@ -263,6 +357,8 @@ def main(argv=None):
     emit_env()
     bench_chain_only(args)
     bench_network(args)
+    if args.guidance_steps:
+        bench_guidance(args)
 
 
 if __name__ == "__main__":

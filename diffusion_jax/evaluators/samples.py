@@ -5,7 +5,8 @@ Shard ``k`` (``shard_<k>.npz``, key ``images``, uint8 ``[n, H, W, C]``) holds sa
 atomically, so a killed run keeps its finished shards and a rerun continues with the next one.
 Sample ``i``'s noise is keyed by ``i`` and ``eval.seed``, so the set is the same whatever the
 device or process count. ``meta.json`` records what the samples came from; a rerun with other
-settings stops instead of mixing two sets. Also writes a PNG grid of the first 64 samples.
+settings stops instead of mixing two sets. Also writes a PNG grid of the first 100 samples
+(one row per class for labelled samples) next to the directory: ``<directory>.png``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from diffusion_jax import checkpointing, config_lib, generate, input_pipeline, p
 from diffusion_jax.evaluators import common
 
 SHARD_PATTERN = "shard_*.npz"
-GRID_SIZE = 64
+GRID_SIZE = 100  # 10 x 10; with labels, 10 per class of 10
 
 
 def sample_dir(ctx: common.Context) -> epath.Path:
@@ -88,7 +89,7 @@ def run(ctx: common.Context) -> dict:
                 arrays["labels"] = labels
             common.write_atomically(paths[k], common.npz_bytes(**arrays))
         progress.update(min(num, (k + 1) * batch_size))
-    grid_path = ctx.eval_dir / f"samples_step{ctx.step}.png"
+    grid_path = directory.parent / f"{directory.name}.png"  # eval/samples_step<N>.png by default
     if ctx.is_main:
         grid, labels = load_samples(directory, limit=GRID_SIZE, with_labels=True)
         reporting.save_sample_grid(grid_path, grid.astype(np.float32) / 127.5 - 1.0, labels)

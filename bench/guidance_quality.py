@@ -1,0 +1,131 @@
+"""Sample quality and label agreement of guided sampling, from trained workdirs.
+
+    python bench/guidance_quality.py --conditional=RUN_COND --unconditional=RUN \\
+        --classifier=RUN_CLASSIFIER --results=guidance.jsonl --out_dir=/tmp/guided \\
+        --reference_dir=/tmp/qs/ref
+    python bench/guidance_quality.py --results=guidance.jsonl --table   # the Markdown table
+
+Points: classifier-free guidance of the class-conditional run (``configs/digits_cond.py``)
+at each ``--cfg_scales`` w (0 is plain conditional sampling), and classifier guidance of the
+unconditional run (``configs/digits.py``) by the noisy classifier
+(``configs/digits_classifier.py``) at each ``--classifier_scales`` s (0 is unguided sampling,
+with the labels assigned all the same, so its agreement is the chance level). Each point
+generates ``--num_samples`` samples, every class in turn, with the run's sampler and
+``eval.seed`` (the same noise for every point of a run), and scores them with the evaluation
+program's ``fid`` mode: on the digits, the Fréchet distance of the digits classifier's
+features to the train split, its Inception-style score, precision/recall, and how often that
+classifier (trained apart from the generators, on the train split) names the requested label.
+One JSON line per point is appended to ``--results``; points already there are skipped. The
+workdirs' ``eval/`` is written: use copies of runs you must not touch.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import emit  # noqa: E402
+
+from diffusion_jax import xla_flags  # noqa: E402
+
+
+def read_results(path) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def points(args) -> list[tuple[str, str, float]]:
+    """``(run, guidance, scale)``: run is "conditional" or "unconditional"."""
+    cfg = [("conditional", "classifier_free", w) for w in args.cfg_scales]
+    if not args.unconditional:
+        return cfg
+    return cfg + [("unconditional", "classifier", s) for s in args.classifier_scales]
+
+
+def sweep(args):
+    xla_flags.configure()  # as the evaluation program does, before JAX starts a backend
+    from diffusion_jax import evaluators
+
+    workdirs = {"conditional": args.conditional, "unconditional": args.unconditional}
+    done = {(r["run"], r["guidance"], r["scale"]) for r in read_results(args.results)}
+    for run, guidance, scale in points(args):
+        if (run, guidance, scale) in done:
+            continue
+        overrides = {
+            "sampling.guidance": guidance,
+            "sampling.guidance_scale": scale,
+            "eval.sample_dir": os.path.join(args.out_dir, f"{run}_{guidance}_{scale:g}"),
+            "eval.num_samples": args.num_samples,
+            "eval.reference_dir": args.reference_dir,
+        }
+        if guidance == "classifier":
+            overrides["sampling.classifier_workdir"] = args.classifier
+        start = time.perf_counter()
+        evaluators.evaluate(workdirs[run], "sample", overrides=overrides)
+        sample_s = time.perf_counter() - start
+        scores = evaluators.evaluate(workdirs[run], "fid", overrides=overrides)
+        line = emit(
+            bench="guidance_quality",
+            run=run,
+            workdir=workdirs[run],
+            guidance=guidance,
+            scale=scale,
+            num_samples=scores["num_samples"],
+            fid=scores["fid"],
+            inception_score=scores["inception_score"],
+            precision=scores["precision"],
+            recall=scores["recall"],
+            label_agreement=scores["label_agreement"],
+            label_agreement_by_class=scores["label_agreement_by_class"],
+            feature_network=scores["feature_network"],
+            sample_s=sample_s,
+        )
+        with open(args.results, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def table(results: list[dict]) -> str:
+    """The results as a Markdown table, one row per point."""
+    rows = [
+        "| model | guidance | scale | FD (digits classifier) | IS | precision | recall "
+        "| label agreement | sampling s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['run']} | {r['guidance']} | {r['scale']:g} | {r['fid']:.2f} "
+            f"| {r['inception_score']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} "
+            f"| {r['label_agreement']:.3f} | {r['sample_s']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--conditional", help="workdir of a digits_cond.py run")
+    parser.add_argument("--unconditional", help="workdir of a digits.py run (classifier guided)")
+    parser.add_argument("--classifier", help="workdir of a digits_classifier.py run")
+    parser.add_argument("--results", required=True, help="JSON lines, appended to")
+    parser.add_argument("--out_dir", help="where each point's samples go")
+    parser.add_argument("--reference_dir", default="", help="eval.reference_dir (cache)")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--cfg_scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
+    parser.add_argument("--classifier_scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0])
+    parser.add_argument("--table", action="store_true", help="print the table of --results")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(read_results(args.results)))
+        return
+    if not (args.conditional and args.out_dir):
+        parser.error("--conditional and --out_dir are required to run the sweep")
+    if bool(args.unconditional) != bool(args.classifier):
+        parser.error("--unconditional and --classifier go together")
+    sweep(args)
+
+
+if __name__ == "__main__":
+    main()
