@@ -60,6 +60,9 @@ def get_config():
     optim.beta1 = 0.9
     optim.beta2 = 0.999
     optim.eps = 1e-8
+    # Decoupled weight decay (AdamW, Loshchilov & Hutter 2019): each update also subtracts
+    # learning_rate * weight_decay * params. 0 = plain Adam (DDPM).
+    optim.weight_decay = 0.0
     optim.ema_decay = 0.9999
 
     config.training = training = ml_collections.ConfigDict()

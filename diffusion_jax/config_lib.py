@@ -149,6 +149,7 @@ def validate(
         "optim.grad_clip_norm",
         "diffusion.vlb_weight",
         "diffusion.p2_gamma",
+        "optim.weight_decay",
     ):
         _at_least(config, path, 0)
     for path in ("optim.learning_rate", "optim.eps", "diffusion.min_snr_gamma", "diffusion.p2_k"):

@@ -40,7 +40,8 @@ class TrainState:
 
 def make_optimizer(optim_config):
     """``(optimizer, learning_rate_schedule)``: global-norm clipping (none when
-    ``grad_clip_norm`` is 0), then Adam with a linear warmup to a constant learning rate."""
+    ``grad_clip_norm`` is 0), then Adam (AdamW with ``weight_decay`` > 0) with a linear warmup
+    to a constant learning rate."""
     warmup = optim_config.warmup_steps
     lr = (
         optax.join_schedules(
@@ -54,11 +55,27 @@ def make_optimizer(optim_config):
         else optax.constant_schedule(optim_config.learning_rate)
     )
     clip = optim_config.grad_clip_norm
+    adam = optax.scale_by_adam(b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps)
     return optax.chain(
         optax.clip_by_global_norm(clip) if clip else optax.identity(),
-        optax.scale_by_adam(b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps),
+        _with_weight_decay(adam, optim_config.weight_decay),
         optax.scale_by_learning_rate(lr),
     ), lr
+
+
+def _with_weight_decay(adam, weight_decay: float):
+    """``adam`` followed by ``+ weight_decay * params`` (AdamW's decoupled decay, before the
+    learning rate scales the update, as ``optax.adamw``), keeping ``adam``'s state as it is: the
+    optimizer state has the same structure with and without decay, so checkpoints restore
+    either way and ``optim.weight_decay`` may change on resume like the other optim keys."""
+    if not weight_decay:
+        return adam
+
+    def update(updates, state, params):
+        updates, state = adam.update(updates, state, params)
+        return jax.tree_util.tree_map(lambda u, p: u + weight_decay * p, updates, params), state
+
+    return optax.GradientTransformation(adam.init, update)
 
 
 def _init_state(config, model, optimizer, image_shape, rng):
