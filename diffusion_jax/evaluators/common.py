@@ -70,6 +70,7 @@ def restore(config, workdir, step: int) -> Context:
     ``step`` of ``workdir``."""
     workdir = epath.Path(workdir)
     image_shape, num_classes = input_pipeline.dataset_spec(config.data)
+    config_lib.check_classes(config, num_classes)
     mesh = sharding.make_mesh(config.training.fsdp)
     model = config_lib.make_model(config, num_classes)
     optimizer, _ = train_step.make_optimizer(config.optim)
