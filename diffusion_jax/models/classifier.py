@@ -5,11 +5,21 @@ The trunk is ``models.unet.encode``: the very layers of ``UNet`` under the same 
 embedding, ``conv_in``, the down path, the middle block), so the two networks cannot drift apart.
 On top of it: GroupNorm, swish, global average pooling and a Dense layer to the logits, the
 "adaptive" pooling head of Dhariwal & Nichol's ``EncoderUNetModel`` (their paper uses an
-attention pool at 8x8 instead). The head is zero-initialised, as theirs is: a fresh classifier
-predicts the uniform distribution (cross-entropy ``ln(num_classes)``, guidance gradient zero),
-and, like the U-Net's zero-initialised output convolution, the trunk starts learning once the
-head has moved. The pooling and the head run in float32 whatever the compute dtype (the head
-is tiny; log-softmax gradients, which guidance uses, want the precision).
+attention pool at 8x8 instead).
+
+The head has the default initialisation of the project's Dense layers (DDPM's variance scaling),
+not the zero initialisation of Dhariwal & Nichol's. With a zero head the trunk gets no gradient
+until the head has moved (its other residual branches start at zero too); with a random head it
+learns from the first step. Measured with ``configs/digits_classifier.py``: training
+cross-entropy 1.594 against 1.671 nats over steps 401-500, the same 1.52-1.53 after 2000 steps.
+The price, random logits at step 0 (cross-entropy near, not exactly, ln(num_classes)), matters
+to nobody: an untrained classifier guides nothing.
+
+The final GroupNorm, the pooling and the head run in float32 whatever the compute dtype (the
+head is tiny; log-softmax gradients, which guidance uses, want the precision). With one
+channel per group (``num_groups`` equal to the last level's channels) that GroupNorm removes
+each channel's spatial mean, which the pooling then cannot see: keep several channels per
+group (DDPM's CIFAR-10 trunk has 8, the digits' 2).
 """
 
 from collections.abc import Sequence
@@ -19,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import group_norm, zero_init
+from diffusion_jax.models.layers import default_init, group_norm
 from diffusion_jax.models.unet import check_image_and_t, encode
 
 
@@ -57,7 +67,7 @@ class NoisyClassifier(nn.Module):
         h = jnp.mean(h, axis=(1, 2))
         return nn.Dense(
             self.num_classes,
-            kernel_init=zero_init,
+            kernel_init=default_init,
             dtype=jnp.float32,
             param_dtype=jnp.float32,
             name="head",
