@@ -682,3 +682,27 @@ def test_evaluation_program_on_a_classifier_workdir(trained, tmp_path):
         f"error: mode=bpd evaluates a denoiser, but {workdir} trained a classifier "
         "(model.kind 'classifier'); its modes: accuracy"
     )
+
+
+@pytest.mark.slow
+def test_cifar10_classifier_config_reduced_network_on_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = _config(
+        "cifar10_classifier",
+        **{
+            "model.ch": 32,
+            "model.ch_mult": (1, 2),
+            "model.num_res_blocks": 1,
+            "training.batch_size": 4,
+            "training.num_steps": 2,
+            "training.log_every": 1,
+        },
+    )
+    with tfds.testing.mock_data(num_examples=8):
+        metrics = train.train_and_evaluate(config, tmp_path)
+        result = evaluators.evaluate(
+            tmp_path, "accuracy", overrides={"eval.batch_size": 4, "eval.num_examples": 8}
+        )
+    assert all(np.isfinite(v) for v in metrics.values()) and "accuracy" in metrics
+    assert result["num_examples"] == 8 and 0 <= result["accuracy"] <= 1
