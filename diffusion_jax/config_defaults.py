@@ -28,6 +28,10 @@ def get_config():
     data.path = ""  # data.name "folder": directory of image files, labels from subdirectories
 
     config.model = model = ml_collections.ConfigDict()
+    # "denoiser": the U-Net of the diffusion model; "classifier": the noisy-image classifier of
+    # p(y | x_t) for classifier guidance (models.NoisyClassifier: the U-Net's down half and
+    # middle block, a pooled head), trained on x_t of the diffusion.* process by cross-entropy.
+    model.kind = "denoiser"
     model.ch = 128
     model.ch_mult = (1, 2, 2, 2)
     model.num_res_blocks = 2
@@ -60,6 +64,9 @@ def get_config():
     optim.beta1 = 0.9
     optim.beta2 = 0.999
     optim.eps = 1e-8
+    # Decoupled weight decay (AdamW, Loshchilov & Hutter 2019): each update also subtracts
+    # learning_rate * weight_decay * params. 0 = plain Adam (DDPM).
+    optim.weight_decay = 0.0
     optim.ema_decay = 0.9999
 
     config.training = training = ml_collections.ConfigDict()

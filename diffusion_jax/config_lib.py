@@ -15,9 +15,11 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import config_defaults, diffusion, losses, sampling, schedules
-from diffusion_jax.models import UNet
+from diffusion_jax.models import NoisyClassifier, UNet
 
 TIMESTEP_SAMPLINGS = ("uniform", "importance")
+# model.kind: the diffusion model's U-Net, or the noisy-image classifier of classifier guidance.
+MODEL_KINDS = ("denoiser", "classifier")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GUIDANCE = ("none", "classifier_free", "classifier")
 
@@ -110,6 +112,7 @@ def validate(
 ) -> ml_collections.ConfigDict:
     """Checks ``config``; returns it unchanged or raises ``ConfigError`` naming the bad key."""
     _check_schema(config, config_defaults.get_config())
+    _choice(config, "model.kind", MODEL_KINDS)
     _choice(config, "diffusion.schedule", schedules.BETA_SCHEDULES)
     _choice(config, "diffusion.mean_type", diffusion.MEAN_TYPES)
     _choice(config, "diffusion.var_type", diffusion.VAR_TYPES)
@@ -151,6 +154,7 @@ def validate(
         "optim.grad_clip_norm",
         "diffusion.vlb_weight",
         "diffusion.p2_gamma",
+        "optim.weight_decay",
     ):
         _at_least(config, path, 0)
     for path in ("optim.learning_rate", "optim.eps", "diffusion.min_snr_gamma", "diffusion.p2_k"):
@@ -163,6 +167,8 @@ def validate(
         "optim.beta2",
     ):
         _fraction(config, path)
+    if config.model.kind == "classifier":
+        _check_classifier(config)
     if config.model.label_dropout and not config.model.class_conditional:
         raise ConfigError(
             f"Config key 'model.label_dropout' ({config.model.label_dropout}) drops class labels: "
@@ -224,6 +230,50 @@ def validate(
             f"processes ({process_count})"
         )
     return config
+
+
+# Keys whose other values ask a noisy-image classifier for what only a denoiser has:
+# (key, the value a classifier needs, why).
+_CLASSIFIER_VALUES = (
+    ("model.class_conditional", False, "it predicts the label instead of being given one"),
+    ("model.label_dropout", 0.0, "it is not conditioned on labels"),
+    ("diffusion.loss_type", "simple", "its loss is the cross-entropy, not a denoising loss"),
+    ("diffusion.loss_weighting", "none", "its cross-entropy is not weighted by SNR"),
+    ("diffusion.timestep_sampling", "uniform", "it draws t uniformly (no VLB to sample t by)"),
+    ("training.sample_every", 0, "it draws no samples"),
+)
+
+
+def _check_classifier(config) -> None:
+    """``model.kind`` "classifier": the keys that would ask it for a denoiser's loss, labels or
+    samples must keep their neutral values. The diffusion process (``schedule``,
+    ``num_timesteps``) is the one its x_t come from, as for a denoiser; ``mean_type`` and
+    ``var_type`` describe a denoiser's output and are not read."""
+    for path, needed, why in _CLASSIFIER_VALUES:
+        value = _get(config, path)
+        if value != needed:
+            raise ConfigError(
+                f"Config key {path!r} is {value!r}, but model.kind 'classifier' needs "
+                f"{needed!r}: {why}"
+            )
+
+
+def check_classes(config, num_classes: int) -> None:
+    """Raises ``ConfigError`` when ``config`` needs class labels that its data set, with
+    ``num_classes`` classes (0: unlabeled; ``input_pipeline.dataset_spec``), lacks: a classifier
+    needs at least 2 classes, a class-conditional denoiser at least 1."""
+    data = f"data set {config.data.name!r}"
+    if config.data.name == "folder":
+        data += f" ({config.data.path})"
+    if config.model.kind == "classifier" and num_classes < 2:
+        raise ConfigError(
+            f"Config key 'model.kind' is 'classifier', which needs a data set with class "
+            f"labels, but {data} has {'one class' if num_classes == 1 else 'no class labels'}"
+        )
+    if config.model.class_conditional and not num_classes:
+        raise ConfigError(
+            f"Config key 'model.class_conditional' is True but {data} has no class labels"
+        )
 
 
 def _validate_sampling(config) -> None:
@@ -299,11 +349,11 @@ def _validate_guidance(config) -> None:
 
 def check_sampling_labels(config, num_classes: int | None) -> None:
     """Raises ConfigError if a label of ``sampling.labels`` is not a class of the data set
-    (``num_classes`` of them; None: the data set has no labels)."""
+    (``num_classes`` of them; 0 or None: the data set has no labels)."""
     labels = tuple(config.sampling.labels)
-    bad = [y for y in labels if num_classes is None or y >= num_classes]
+    bad = [y for y in labels if not num_classes or y >= num_classes]
     if bad:
-        valid = "none: it has no labels" if num_classes is None else f"0..{num_classes - 1}"
+        valid = f"0..{num_classes - 1}" if num_classes else "none: it has no labels"
         raise ConfigError(
             f"Config key 'sampling.labels' is {labels}: label {bad[0]} is not a class of data "
             f"set {config.data.name!r} (valid labels: {valid})"
@@ -480,8 +530,25 @@ def sampler_options(config) -> dict:
     )
 
 
-def make_model(config, num_classes: int | None = None) -> UNet:
-    """The U-Net of ``config.model``; output channels doubled for a learned variance."""
+def make_model(config, num_classes: int | None = None) -> UNet | NoisyClassifier:
+    """The network of ``config.model``: for ``kind`` "denoiser" the U-Net (output channels
+    doubled for a learned variance; a label embedding of ``num_classes + 1`` rows when
+    ``class_conditional``), for "classifier" the noisy-image classifier of ``num_classes``
+    classes (the data set's: ``input_pipeline.dataset_spec``)."""
+    if config.model.kind == "classifier":
+        if not num_classes or num_classes < 2:
+            raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes!r}")
+        return NoisyClassifier(
+            num_classes=num_classes,
+            ch=config.model.ch,
+            ch_mult=tuple(config.model.ch_mult),
+            num_res_blocks=config.model.num_res_blocks,
+            attn_resolutions=tuple(config.model.attn_resolutions),
+            dropout=config.model.dropout,
+            resamp_with_conv=config.model.resamp_with_conv,
+            num_groups=config.model.num_groups,
+            dtype=COMPUTE_DTYPES[config.training.compute_dtype],
+        )
     channels = config.data.channels
     if config.diffusion.var_type == "learned_range":
         channels *= 2

@@ -10,7 +10,10 @@ one mode:
   - ``sample``: ``eval.num_samples`` samples as uint8 ``.npz`` shards plus a grid (resumable);
   - ``fid``: FID, Inception Score, KID and precision/recall of the sample directory against
     ``eval.reference_split`` (cached reference features);
-  - ``figures``: the DDPM paper's figures 5, 6, 7 and 9 as PNG (and the rate-distortion data).
+  - ``figures``: the DDPM paper's figures 5, 6, 7 and 9 as PNG (and the rate-distortion data);
+  - ``accuracy`` (a noisy-image classifier's workdir, ``model.kind`` "classifier"): accuracy and
+    cross-entropy over ``eval.split``, overall and by quarter of t. The other modes evaluate
+    a denoiser; a mode for the other kind stops with one line.
 
 Each writes ``DIR/eval/<mode>_step<N>.json`` (its numbers, the step and the config) and prints
 a one-line summary. Multi-host like training: the same command on every process.

@@ -35,6 +35,7 @@ def restore_ema(config, workdir, step: int, mesh):
     """``(model, params, param_sharding)``: the network of ``config`` and the EMA parameters of
     checkpoint ``step`` of ``workdir``, sharded over ``mesh`` as in training."""
     image_shape, num_classes = input_pipeline.dataset_spec(config.data)
+    config_lib.check_classes(config, num_classes)
     model = config_lib.make_model(config, num_classes)
     optimizer, _ = train_step.make_optimizer(config.optim)
     abstract, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)

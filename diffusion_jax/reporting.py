@@ -139,11 +139,14 @@ class Reporter:
             return
         eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
         eta_text = str(datetime.timedelta(seconds=int(eta))) if np.isfinite(eta) else "?"
+        # A classifier's accuracy (train_step.REPORTED_TERMS) joins the line.
+        accuracy = f" | accuracy {metrics['accuracy']:.3f}" if "accuracy" in metrics else ""
         logging.info(
-            "step %d/%d | loss %.4f | grad_norm %.3f | %.2f steps/s | %.1f img/s | ETA %s",
+            "step %d/%d | loss %.4f%s | grad_norm %.3f | %.2f steps/s | %.1f img/s | ETA %s",
             step,
             self.total_steps,
             metrics["loss"],
+            accuracy,
             metrics["grad_norm"],
             steps_per_s,
             steps_per_s * self.batch_size,

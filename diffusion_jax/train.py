@@ -1,6 +1,10 @@
-"""Trains a diffusion model.
+"""Trains a diffusion model, or the noisy-image classifier of classifier guidance.
 
 ``python -m diffusion_jax.train --config=configs/digits.py --workdir=DIR``
+
+``model.kind`` picks the network and its per-example objective (``train_step``); everything
+else (this loop, checkpoints, sharding, logging) is the same for both. A classifier draws no
+sample grids; its log shows accuracy.
 
 The loop: validate config -> data -> mesh -> state (restored from ``workdir`` when a checkpoint
 exists, if the config changed only in keys that are safe to change) -> jitted sharded train
@@ -65,11 +69,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     workdir = epath.Path(workdir)
     tcfg = config.training
     image_shape, num_classes = input_pipeline.dataset_spec(config.data)
-    if config.model.class_conditional and not num_classes:
-        raise config_lib.ConfigError(
-            f"Config key 'model.class_conditional' is True but data set {config.data.name!r} "
-            "has no class labels"
-        )
+    config_lib.check_classes(config, num_classes)
     config_lib.check_sampling_labels(config, num_classes)
     data_iterator = input_pipeline.create_train_iterator(
         config.data, global_batch_size=tcfg.batch_size, seed=config.seed

@@ -10,6 +10,11 @@ makes them sharding-invariant too, but gradient accumulation changes their shape
 their values. With ``model.label_dropout`` p > 0, example ``i``'s label is replaced by the null
 label (``num_classes``) with probability p, drawn from the same example key (``drop_labels``),
 so which examples lose their label does not depend on devices or accumulation either.
+
+The objective per example depends on ``model.kind`` (``example_terms_fn``), nothing else does:
+both kinds draw t and the noise from the example keys above and train on ``x_t = q_sample(x0,
+t, noise)``; a denoiser's terms are ``losses.training_losses`` of its output, a classifier's the
+cross-entropy of its logits against the example's label (nats) and whether its argmax is right.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import diffusion, losses, sharding
 from diffusion_jax.losses import LossHistory
+from diffusion_jax.models.classifier import label_log_prob
 
 
 @flax.struct.dataclass
@@ -40,7 +46,8 @@ class TrainState:
 
 def make_optimizer(optim_config):
     """``(optimizer, learning_rate_schedule)``: global-norm clipping (none when
-    ``grad_clip_norm`` is 0), then Adam with a linear warmup to a constant learning rate."""
+    ``grad_clip_norm`` is 0), then Adam (AdamW with ``weight_decay`` > 0) with a linear warmup
+    to a constant learning rate."""
     warmup = optim_config.warmup_steps
     lr = (
         optax.join_schedules(
@@ -54,19 +61,38 @@ def make_optimizer(optim_config):
         else optax.constant_schedule(optim_config.learning_rate)
     )
     clip = optim_config.grad_clip_norm
+    adam = optax.scale_by_adam(b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps)
     return optax.chain(
         optax.clip_by_global_norm(clip) if clip else optax.identity(),
-        optax.scale_by_adam(b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps),
+        _with_weight_decay(adam, optim_config.weight_decay),
         optax.scale_by_learning_rate(lr),
     ), lr
+
+
+def _with_weight_decay(adam, weight_decay: float):
+    """``adam`` followed by ``+ weight_decay * params`` (AdamW's decoupled decay, before the
+    learning rate scales the update, as ``optax.adamw``), keeping ``adam``'s state as it is: the
+    optimizer state has the same structure with and without decay, so checkpoints restore
+    either way and ``optim.weight_decay`` may change on resume like the other optim keys."""
+    if not weight_decay:
+        return adam
+
+    def update(updates, state, params):
+        updates, state = adam.update(updates, state, params)
+        return jax.tree_util.tree_map(lambda u, p: u + weight_decay * p, updates, params), state
+
+    return optax.GradientTransformation(adam.init, update)
 
 
 def _init_state(config, model, optimizer, image_shape, rng):
     init_key, state_key = jax.random.split(rng)
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if model.num_classes is not None else None
-    params = model.init({"params": init_key}, x, t, y, train=False)["params"]
+    if config.model.kind == "classifier":
+        params = model.init({"params": init_key}, x, t, train=False)["params"]
+    else:
+        y = jnp.zeros((1,), jnp.int32) if model.num_classes is not None else None
+        params = model.init({"params": init_key}, x, t, y, train=False)["params"]
     history = None
     if config.diffusion.timestep_sampling == "importance":
         history = LossHistory.create(config.diffusion.num_timesteps)
@@ -134,6 +160,67 @@ def drop_labels(keys, labels, rate, null_label):
     return jnp.where(drop, null_label, labels)
 
 
+# Per-example terms each model.kind reports besides the objective: their batch means, and their
+# means by quarter of t (as ``<name>_qK_sum`` / ``<name>_qK_count``; see ``average_metrics``).
+REPORTED_TERMS = {
+    "denoiser": {"mean": ("mse", "vlb_bpd"), "by_quarter": ("loss",)},
+    "classifier": {"mean": ("accuracy",), "by_quarter": ("loss", "accuracy")},
+}
+
+
+def example_terms_fn(config, model, schedule):
+    """The per-example objective of ``config.model.kind``:
+    ``terms(params, batch, x_t, t, noise, dropout_key) -> {name: [B]}``, always with ``"loss"``
+    (the term the step minimises, averaged over the batch).
+
+    ``batch`` holds the micro-batch's ``image`` (x0), ``label`` and ``keys`` (one per example);
+    ``x_t = q_sample(x0, t, noise)``. Denoiser: ``losses.training_losses`` of the network's
+    output (labels, some of them dropped, for a class-conditional one). Classifier:
+    ``loss``, the cross-entropy ``-log p(label | x_t)`` in nats, and ``accuracy``, 1 where the
+    largest logit is the label's, else 0.
+    """
+    if config.model.kind == "classifier":
+
+        def classifier_terms(params, batch, x_t, t, noise, dropout_key):
+            logits = model.apply(
+                {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}
+            )
+            labels = batch["label"]
+            return {
+                "loss": -label_log_prob(logits, labels),
+                "accuracy": (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32),
+            }
+
+        return classifier_terms
+
+    dcfg = config.diffusion
+    loss_kw = dict(
+        mean_type=dcfg.mean_type,
+        var_type=dcfg.var_type,
+        loss_type=dcfg.loss_type,
+        weighting=dcfg.loss_weighting,
+        min_snr_gamma=dcfg.min_snr_gamma,
+        p2_k=dcfg.p2_k,
+        p2_gamma=dcfg.p2_gamma,
+        vlb_weight=dcfg.vlb_weight,
+    )
+    conditional = model.num_classes is not None
+    label_dropout = config.model.label_dropout
+    if label_dropout and not conditional:
+        raise ValueError(f"label_dropout={label_dropout} needs a class-conditional model")
+
+    def denoiser_terms(params, batch, x_t, t, noise, dropout_key):
+        y = batch["label"] if conditional else None
+        if label_dropout:
+            y = drop_labels(batch["keys"], y, label_dropout, model.num_classes)
+        output = model.apply(
+            {"params": params}, x_t, t, y, train=True, rngs={"dropout": dropout_key}
+        )
+        return losses.training_losses(schedule, output, batch["image"], x_t, t, noise, **loss_kw)
+
+    return denoiser_terms
+
+
 def make_train_step(
     config, model, schedule, optimizer, lr_schedule, mesh, state_sharding, *, accumulate=None
 ):
@@ -141,10 +228,12 @@ def make_train_step(
 
     ``batch = {"image": float32 [B, H, W, C], "label": int32 [B]}`` as global arrays sharded
     over the batch axes. Metrics are replicated scalars: ``loss`` (the optimised objective),
-    ``mse``, ``vlb_bpd`` (vlb/hybrid only), ``grad_norm``, ``update_norm`` (global norm of the
-    change applied to the parameters), ``learning_rate``, and ``loss_qK_sum`` /
-    ``loss_qK_count`` (K = 0..3: summed per-example loss and number of examples whose t lies in
-    quarter K of [0, T); see ``average_metrics``).
+    ``grad_norm``, ``update_norm`` (global norm of the change applied to the parameters),
+    ``learning_rate``; the batch means of the ``REPORTED_TERMS`` of ``model.kind`` (denoiser:
+    ``mse``, ``vlb_bpd`` for vlb/hybrid; classifier: ``accuracy``); and per quarter of t,
+    ``<name>_qK_sum`` / ``<name>_qK_count`` (K = 0..3: the summed per-example term and the
+    number of examples whose t lies in quarter K of [0, T); denoiser: ``loss``, classifier:
+    ``loss`` and ``accuracy``; see ``average_metrics``).
 
     ``accumulate``: how ``training.grad_accum_steps > 1`` micro-batches are run: ``"scan"``
     (``lax.scan``: one copy of the network in the program), ``"loop"`` (unrolled: one copy per
@@ -162,35 +251,16 @@ def make_train_step(
         raise ValueError(f"accumulate must be 'scan', 'loop' or None, got {accumulate!r}")
     use_scan = accumulate == "scan" and accum > 1
     num_timesteps = dcfg.num_timesteps
-    loss_kw = dict(
-        mean_type=dcfg.mean_type,
-        var_type=dcfg.var_type,
-        loss_type=dcfg.loss_type,
-        weighting=dcfg.loss_weighting,
-        min_snr_gamma=dcfg.min_snr_gamma,
-        p2_k=dcfg.p2_k,
-        p2_gamma=dcfg.p2_gamma,
-        vlb_weight=dcfg.vlb_weight,
-    )
-    conditional = model.num_classes is not None
-    label_dropout = config.model.label_dropout
-    if label_dropout and not conditional:
-        raise ValueError(f"label_dropout={label_dropout} needs a class-conditional model")
+    terms_fn = example_terms_fn(config, model, schedule)
+    reported = REPORTED_TERMS[config.model.kind]
 
     def example_losses(params, micro, dropout_key, history):
-        keys = micro["keys"]
-        t_keys, noise_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+        t_keys, noise_keys = jax.vmap(jax.random.split, out_axes=1)(micro["keys"])
         t, weights = _draw_t(t_keys, num_timesteps, history)
         x0 = micro["image"]
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(noise_keys)
         x_t = diffusion.q_sample(schedule, x0, t, noise)
-        y = micro["label"] if conditional else None
-        if label_dropout:
-            y = drop_labels(keys, y, label_dropout, model.num_classes)
-        output = model.apply(
-            {"params": params}, x_t, t, y, train=True, rngs={"dropout": dropout_key}
-        )
-        terms = losses.training_losses(schedule, output, x0, x_t, t, noise, **loss_kw)
+        terms = terms_fn(params, micro, x_t, t, noise, dropout_key)
         objective = jnp.sum(terms["loss"] * weights) / batch_size
         return objective, (terms, t)
 
@@ -251,20 +321,21 @@ def make_train_step(
         )
         metrics = {
             "loss": jnp.sum(objs),
-            "mse": jnp.mean(terms["mse"]),
             "grad_norm": optax.global_norm(grads),
             # Finite loss and gradients can still give non-finite parameters (a learning rate
             # beyond float32); a finite update norm rules that out before the state is saved.
             "update_norm": optax.global_norm(updates),
             "learning_rate": lr_schedule(state.step),
         }
-        if "vlb_bpd" in terms:
-            metrics["vlb_bpd"] = jnp.mean(terms["vlb_bpd"])
+        for name in reported["mean"]:
+            if name in terms:
+                metrics[name] = jnp.mean(terms[name])
         quarter = t * 4 // num_timesteps
         for q in range(4):
             mask = (quarter == q).astype(jnp.float32)
-            metrics[f"loss_q{q}_sum"] = jnp.sum(terms["loss"] * mask)
-            metrics[f"loss_q{q}_count"] = jnp.sum(mask)
+            for name in reported["by_quarter"]:
+                metrics[f"{name}_q{q}_sum"] = jnp.sum(terms[name] * mask)
+                metrics[f"{name}_q{q}_count"] = jnp.sum(mask)
         return new_state, metrics
 
     batch_shardings = {
@@ -282,13 +353,17 @@ def make_train_step(
 def average_metrics(step_metrics: list[dict]) -> dict[str, float]:
     """Averages the host copies of several steps' metrics for logging.
 
-    Scalars are averaged over steps; ``loss_qK`` is the mean per-example loss over all examples
-    of those steps whose t fell in quarter K (left out if none did), exact however they were
-    spread.
+    Scalars are averaged over steps. Every pair ``<name>_sum`` / ``<name>_count`` (such as
+    ``loss_q2_sum`` / ``loss_q2_count``) becomes ``<name>``: the sum over those steps divided by
+    the count, i.e. the mean per-example term over all examples of those steps whose t fell in
+    that quarter (left out if none did), exact however they were spread.
     """
     totals = {k: float(sum(m[k] for m in step_metrics)) for k in step_metrics[0]}
-    averaged = {k: v / len(step_metrics) for k, v in totals.items() if not k.startswith("loss_q")}
-    for q in range(4):
-        if count := totals[f"loss_q{q}_count"]:
-            averaged[f"loss_q{q}"] = totals[f"loss_q{q}_sum"] / count
+    pairs = [k[: -len("_sum")] for k in totals if k.endswith("_sum")]
+    pairs = [name for name in pairs if f"{name}_count" in totals]
+    in_pairs = {f"{name}_{part}" for name in pairs for part in ("sum", "count")}
+    averaged = {k: v / len(step_metrics) for k, v in totals.items() if k not in in_pairs}
+    for name in pairs:
+        if count := totals[f"{name}_count"]:
+            averaged[name] = totals[f"{name}_sum"] / count
     return averaged

@@ -440,6 +440,7 @@ def test_resume_with_more_steps_continues_and_keeps_every_runs_config(reference,
         ("model.ch_mult", (1, 2)),
         ("model.dropout", 0.2),
         ("model.class_conditional", True),
+        ("model.kind", "classifier"),
         ("diffusion.num_timesteps", 100),
         ("diffusion.mean_type", "v"),
         ("diffusion.var_type", "learned_range"),
@@ -602,6 +603,31 @@ def test_grad_clip_norm_zero_means_no_clipping():
         updates, state = optimizer.update(grads, state, params)
         expected, adam_state = adam.update(grads, adam_state, params)
         np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+
+
+def test_weight_decay_is_adamw_and_keeps_the_optimizer_state():
+    """``optim.weight_decay`` gives optax.adamw's updates (clipping off, no warmup), and the
+    optimizer state has the same structure with and without it (resume may change it)."""
+    config = _tiny(
+        **{"optim.grad_clip_norm": 0.0, "optim.warmup_steps": 0, "optim.weight_decay": 0.05}
+    )
+    config_lib.validate(config)
+    optimizer, _ = train_step.make_optimizer(config.optim)
+    adamw = optax.adamw(
+        config.optim.learning_rate, config.optim.beta1, config.optim.beta2, weight_decay=0.05
+    )
+    params = {"w": np.asarray([1.0, -2.0], np.float32)}
+    state, adamw_state = optimizer.init(params), adamw.init(params)
+    for grad in ([3.0, 4.0], [-0.5, 0.25]):
+        grads = {"w": np.asarray(grad, np.float32)}
+        updates, state = optimizer.update(grads, state, params)
+        expected, adamw_state = adamw.update(grads, adamw_state, params)
+        np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+        params = optax.apply_updates(params, updates)
+    plain, _ = train_step.make_optimizer(_tiny().optim)
+    assert jax.tree_util.tree_structure(plain.init(params)) == jax.tree_util.tree_structure(state)
+    with pytest.raises(config_lib.ConfigError, match="'optim.weight_decay' must be >= 0"):
+        config_lib.validate(_tiny(**{"optim.weight_decay": -0.1}))
 
 
 def test_batch_not_divisible_by_devices():

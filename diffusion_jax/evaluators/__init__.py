@@ -1,8 +1,10 @@
-"""The evaluation program's modes, one module each: ``bpd``, ``samples``, ``fid``, ``figures``.
+"""The evaluation program's modes, one module each: ``bpd``, ``samples``, ``fid``, ``figures``
+(of a denoiser) and ``accuracy`` (of a noisy-image classifier).
 
 Each has ``run(context) -> dict`` (the numbers written to ``DIR/eval/<mode>_step<N>.json``) and
-``summary(result) -> str`` (its one-line report); ``evaluate`` runs one on a workdir. The
-program ``python -m diffusion_jax.evaluate`` is a thin command line around it.
+``summary(result) -> str`` (its one-line report); a module for another ``model.kind`` than
+"denoiser" says so in ``MODEL_KIND``. ``evaluate`` runs one on a workdir. The program
+``python -m diffusion_jax.evaluate`` is a thin command line around it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,33 @@ import importlib
 from absl import logging
 
 # mode -> module of diffusion_jax.evaluators
-MODES = {"bpd": "bpd", "sample": "samples", "fid": "fid", "figures": "figures"}
+MODES = {
+    "bpd": "bpd",
+    "sample": "samples",
+    "fid": "fid",
+    "figures": "figures",
+    "accuracy": "accuracy",
+}
+
+
+def model_kind(mode: str) -> str:
+    """The ``model.kind`` that ``mode`` evaluates."""
+    module = importlib.import_module(f"diffusion_jax.evaluators.{MODES[mode]}")
+    return getattr(module, "MODEL_KIND", "denoiser")
+
+
+def check_model_kind(mode: str, config, workdir) -> None:
+    """Raises ``ConfigError`` (one line) when ``mode`` evaluates another kind of network than
+    the one ``workdir`` trained (``config.model.kind``), naming the modes that fit it."""
+    from diffusion_jax import config_lib
+
+    kind, wanted = config.model.kind, model_kind(mode)
+    if kind != wanted:
+        fitting = [m for m in MODES if model_kind(m) == kind]
+        raise config_lib.ConfigError(
+            f"mode={mode} evaluates a {wanted}, but {workdir} trained a {kind} "
+            f"(model.kind {kind!r}); its modes: {', '.join(fitting) or 'none'}"
+        )
 
 
 def evaluate(workdir, mode: str, step: int | None = None, overrides: dict | None = None) -> dict:
@@ -29,6 +57,7 @@ def evaluate(workdir, mode: str, step: int | None = None, overrides: dict | None
     evaluator = importlib.import_module(f"diffusion_jax.evaluators.{MODES[mode]}")
     config, step = pretrained.load_config(workdir, step, overrides)
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    check_model_kind(mode, config, workdir)
     context = common.restore(config, workdir, step)
     logging.info("Evaluating step %d of %s: %s", context.step, workdir, mode)
     result = evaluator.run(context)

@@ -1,5 +1,6 @@
-"""Flax networks for diffusion models."""
+"""Flax networks for diffusion models: the U-Net and the noisy-image classifier."""
 
+from diffusion_jax.models.classifier import NoisyClassifier
 from diffusion_jax.models.unet import UNet
 
-__all__ = ["UNet"]
+__all__ = ["NoisyClassifier", "UNet"]

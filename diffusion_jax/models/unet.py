@@ -31,6 +31,75 @@ from diffusion_jax.models.layers import (
 )
 
 
+def check_image_and_t(x, t, ch_mult: Sequence[int]) -> None:
+    """Raises ValueError unless ``x`` is a square NHWC batch whose size the ``len(ch_mult) - 1``
+    downsamplings halve exactly and ``t`` is ``[B]``."""
+    if x.ndim != 4:
+        raise ValueError(f"x must be [B, H, W, C] (NHWC), got shape {x.shape}")
+    B, H, W, _ = x.shape
+    if H != W:
+        raise ValueError(f"x must be square, got H={H}, W={W}")
+    factor = 2 ** (len(ch_mult) - 1)
+    if H % factor:
+        raise ValueError(f"x height/width {H} must be divisible by 2**(len(ch_mult)-1) = {factor}")
+    if jnp.ndim(t) != 1 or jnp.shape(t)[0] != B:
+        raise ValueError(f"t must have shape [B] = [{B}], got {jnp.shape(t)}")
+
+
+def encode(module: nn.Module, x, t, y=None, *, train: bool):
+    """The U-Net's time embedding, downsampling half and middle block, as layers of ``module``.
+
+    Called from the compact ``__call__`` of ``UNet`` and of ``models.classifier.NoisyClassifier``,
+    so both networks hold exactly these layers under the same names (``temb_dense0/1``,
+    ``label_emb``, ``conv_in``, ``down_<level>_block_<i>``, ``down_<level>_attn_<i>``,
+    ``down_<level>_downsample``, ``mid_block_0``, ``mid_attn``, ``mid_block_1``). ``module``
+    supplies the hyperparameters: ``ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
+    resamp_with_conv, num_groups, dtype`` (and ``num_classes`` when ``y`` is given).
+
+    Args:
+      x: [B, H, W, C] in [-1, 1]; t: [B] timesteps.
+      y: [B] int labels of a class-conditional network (a label embedding of
+        ``module.num_classes + 1`` rows is added to the time embedding), or None.
+    Returns:
+      ``(h, hs, temb)``: the middle block's output ``[B, H', W', ch * ch_mult[-1]]``, the
+      down path's activations (the U-Net's skip connections, ``conv_in`` first), and the
+      time (plus label) embedding ``[B, 4 * ch]``.
+    """
+    dense = lambda n, name: nn.Dense(
+        n, kernel_init=default_init, dtype=module.dtype, param_dtype=jnp.float32, name=name
+    )
+    block = lambda n, name: ResBlock(n, module.dropout, module.num_groups, module.dtype, name=name)
+    attn = lambda name: AttnBlock(module.num_groups, module.dtype, name=name)
+
+    temb = timestep_embedding(t, module.ch)
+    temb = dense(4 * module.ch, "temb_dense0")(temb)
+    temb = dense(4 * module.ch, "temb_dense1")(nn.swish(temb))
+    if y is not None:
+        temb = temb + nn.Embed(
+            module.num_classes + 1, 4 * module.ch, param_dtype=jnp.float32, name="label_emb"
+        )(y).astype(temb.dtype)
+
+    hs = [Conv3x3(module.ch, dtype=module.dtype, name="conv_in")(x)]
+    for level, mult in enumerate(module.ch_mult):
+        for i in range(module.num_res_blocks):
+            h = block(module.ch * mult, f"down_{level}_block_{i}")(hs[-1], temb, train=train)
+            if h.shape[1] in module.attn_resolutions:
+                h = attn(f"down_{level}_attn_{i}")(h)
+            hs.append(h)
+        if level != len(module.ch_mult) - 1:
+            hs.append(
+                Downsample(module.resamp_with_conv, module.dtype, name=f"down_{level}_downsample")(
+                    hs[-1]
+                )
+            )
+
+    h = hs[-1]
+    h = block(h.shape[-1], "mid_block_0")(h, temb, train=train)
+    h = attn("mid_attn")(h)
+    h = block(h.shape[-1], "mid_block_1")(h, temb, train=train)
+    return h, hs, temb
+
+
 class UNet(nn.Module):
     """Noise-prediction U-Net.
 
@@ -60,18 +129,8 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
 
     def _check_inputs(self, x, t, y):
-        if x.ndim != 4:
-            raise ValueError(f"x must be [B, H, W, C] (NHWC), got shape {x.shape}")
-        B, H, W, _ = x.shape
-        if H != W:
-            raise ValueError(f"x must be square, got H={H}, W={W}")
-        factor = 2 ** (len(self.ch_mult) - 1)
-        if H % factor:
-            raise ValueError(
-                f"x height/width {H} must be divisible by 2**(len(ch_mult)-1) = {factor}"
-            )
-        if jnp.ndim(t) != 1 or jnp.shape(t)[0] != B:
-            raise ValueError(f"t must have shape [B] = [{B}], got {jnp.shape(t)}")
+        check_image_and_t(x, t, self.ch_mult)
+        B = x.shape[0]
         if self.num_classes is None:
             if y is not None:
                 raise ValueError("y given but the model has num_classes=None")
@@ -89,38 +148,9 @@ class UNet(nn.Module):
         Returns [B,H,W,out_channels] float32.
         """
         self._check_inputs(x, t, y)
-        dense = lambda n, name: nn.Dense(
-            n, kernel_init=default_init, dtype=self.dtype, param_dtype=jnp.float32, name=name
-        )
         block = lambda n, name: ResBlock(n, self.dropout, self.num_groups, self.dtype, name=name)
         attn = lambda name: AttnBlock(self.num_groups, self.dtype, name=name)
-
-        temb = timestep_embedding(t, self.ch)
-        temb = dense(4 * self.ch, "temb_dense0")(temb)
-        temb = dense(4 * self.ch, "temb_dense1")(nn.swish(temb))
-        if self.num_classes is not None:
-            temb = temb + nn.Embed(
-                self.num_classes + 1, 4 * self.ch, param_dtype=jnp.float32, name="label_emb"
-            )(y).astype(temb.dtype)
-
-        hs = [Conv3x3(self.ch, dtype=self.dtype, name="conv_in")(x)]
-        for level, mult in enumerate(self.ch_mult):
-            for i in range(self.num_res_blocks):
-                h = block(self.ch * mult, f"down_{level}_block_{i}")(hs[-1], temb, train=train)
-                if h.shape[1] in self.attn_resolutions:
-                    h = attn(f"down_{level}_attn_{i}")(h)
-                hs.append(h)
-            if level != len(self.ch_mult) - 1:
-                hs.append(
-                    Downsample(self.resamp_with_conv, self.dtype, name=f"down_{level}_downsample")(
-                        hs[-1]
-                    )
-                )
-
-        h = hs[-1]
-        h = block(h.shape[-1], "mid_block_0")(h, temb, train=train)
-        h = attn("mid_attn")(h)
-        h = block(h.shape[-1], "mid_block_1")(h, temb, train=train)
+        h, hs, temb = encode(self, x, t, y, train=train)
 
         for level, mult in reversed(list(enumerate(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
