@@ -11,6 +11,7 @@ The launcher's own logic (flags, failure and signal propagation) is tested with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -169,16 +170,34 @@ def test_resume_four_device_checkpoint_on_two_processes(reference_run, tmp_path)
         assert json.loads(position.read_text()) == {"next_index": K + 2}
 
 
+@pytest.fixture
+def start_local_sh():
+    """Starts ``launch/local.sh`` in a process group of its own, killed as a whole when the test
+    ends: a test that fails halfway leaves none of its processes running."""
+    launchers = []
+
+    def start(args: list[str], env: dict[str, str], **popen_kwargs) -> subprocess.Popen:
+        launcher = subprocess.Popen(
+            [str(LOCAL_SH), *args], cwd=REPO, env=env, start_new_session=True, **popen_kwargs
+        )
+        launchers.append(launcher)
+        return launcher
+
+    yield start
+    for launcher in launchers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+
+
 # Behind the marker: in the default suite, test_local_sh_forwards_signals (after it) timed out
 # twice in full runs from a clean clone, never alone or next to it; not understood yet.
 @pytest.mark.slow
-def test_sigterm_to_local_sh_saves_and_stops_all_processes(tmp_path):
+def test_sigterm_to_local_sh_saves_and_stops_all_processes(start_local_sh, tmp_path):
     logs = tmp_path / "logs"
     flags = [*TINY_RUN, f"--workdir={tmp_path}", "--config.training.num_steps=100000"]
-    launcher = subprocess.Popen(
-        [str(LOCAL_SH), "2", "1", "--", *flags, "--config.training.log_every=1"],
-        cwd=REPO,
-        env=_env(LOG_DIR=str(logs)),
+    launcher = start_local_sh(
+        ["2", "1", "--", *flags, "--config.training.log_every=1"], _env(LOG_DIR=str(logs))
     )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -223,26 +242,26 @@ _STUB = textwrap.dedent(
 )
 
 
-def _launch_stub(tmp_path, mode: str, args, **env) -> subprocess.Popen:
+@pytest.fixture
+def launch_stub(start_local_sh, tmp_path):
+    """``launch_stub(mode, args, **env)`` runs the launcher with the stub as its interpreter."""
     stub = tmp_path / "stub_python"
     stub.write_text(_STUB)
     stub.chmod(0o755)
-    env = _env(PYTHON=str(stub), STUB_DIR=str(tmp_path), STUB_MODE=mode, KILL_AFTER="20", **env)
-    return subprocess.Popen(
-        [str(LOCAL_SH), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+
+    def launch(mode: str, args: list[str], **env) -> subprocess.Popen:
+        env = _env(PYTHON=str(stub), STUB_DIR=str(tmp_path), STUB_MODE=mode, KILL_AFTER="20", **env)
+        return start_local_sh(args, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    return launch
 
 
 def _stub_args(tmp_path, process: int) -> list[str]:
     return (tmp_path / f"args_{process}").read_text().splitlines()
 
 
-def test_local_sh_passes_flags(tmp_path):
-    launcher = _launch_stub(tmp_path, "ok", ["3", "2", "--", "--workdir=/w"], PORT="12345")
+def test_local_sh_passes_flags(launch_stub, tmp_path):
+    launcher = launch_stub("ok", ["3", "2", "--", "--workdir=/w"], PORT="12345")
     assert launcher.wait(timeout=30) == 0
     for process in range(3):
         assert _stub_args(tmp_path, process) == [
@@ -256,16 +275,16 @@ def test_local_sh_passes_flags(tmp_path):
         ]
 
 
-def test_local_sh_stops_all_when_one_fails(tmp_path):
+def test_local_sh_stops_all_when_one_fails(launch_stub, tmp_path):
     start = time.monotonic()
-    launcher = _launch_stub(tmp_path, "fail", ["2", "1", "--"])
+    launcher = launch_stub("fail", ["2", "1", "--"])
     assert launcher.wait(timeout=30) == 3
     assert time.monotonic() - start < 15  # process 0 was stopped, not waited for
     assert (tmp_path / "signal_0").read_text().strip() == "TERM"
 
 
-def test_local_sh_forwards_signals(tmp_path):
-    launcher = _launch_stub(tmp_path, "wait", ["2", "1", "--"])
+def test_local_sh_forwards_signals(launch_stub, tmp_path):
+    launcher = launch_stub("wait", ["2", "1", "--"])
     deadline = time.monotonic() + 30
     while not all((tmp_path / f"args_{i}").exists() for i in range(2)):
         assert time.monotonic() < deadline and launcher.poll() is None
