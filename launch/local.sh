@@ -90,9 +90,17 @@ status=0
 while ((${#running[@]} > 0)); do
     finished=""
     rc=0
-    wait -n -p finished "${running[@]}" || rc=$?
+    wait -n -p finished "${running[@]}" 2>/dev/null || rc=$?
     if [[ -z ${finished:-} ]]; then
-        continue # interrupted by a trapped signal
+        if ((rc != 127)); then
+            continue # interrupted by a trapped signal
+        fi
+        # None of them is a job any more: bash forgets a job killed by a signal (two processes
+        # killed together, say) once it has noted its end outside `wait -n`; `wait PID` still
+        # has its status.
+        finished=${running[0]}
+        rc=0
+        wait "$finished" || rc=$?
     fi
     for j in "${!running[@]}"; do
         if [[ ${running[j]} == "$finished" ]]; then

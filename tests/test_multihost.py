@@ -235,6 +235,10 @@ _STUB = textwrap.dedent(
             while [[ ! -e $STUB_DIR/args_0 ]]; do sleep 0.05; done
             exit 3
             ;;
+        stubborn:*)
+            trap '' TERM
+            exec sleep 60
+            ;;
     esac
     sleep 60 </dev/null >/dev/null 2>&1 &
     wait $!
@@ -250,7 +254,9 @@ def launch_stub(start_local_sh, tmp_path):
     stub.chmod(0o755)
 
     def launch(mode: str, args: list[str], **env) -> subprocess.Popen:
-        env = _env(PYTHON=str(stub), STUB_DIR=str(tmp_path), STUB_MODE=mode, KILL_AFTER="20", **env)
+        env = _env(
+            PYTHON=str(stub), STUB_DIR=str(tmp_path), STUB_MODE=mode, **{"KILL_AFTER": "20", **env}
+        )
         return start_local_sh(args, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     return launch
@@ -293,6 +299,16 @@ def test_local_sh_forwards_signals(launch_stub, tmp_path):
     assert launcher.wait(timeout=30) == 0
     for process in range(2):
         assert (tmp_path / f"signal_{process}").read_text().strip() == "TERM"
+
+
+def test_local_sh_kills_the_processes_that_ignore_sigterm(launch_stub, tmp_path):
+    launcher = launch_stub("stubborn", ["2", "1", "--"], KILL_AFTER="1")
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"args_{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 128 + signal.SIGKILL
 
 
 def test_local_sh_usage():
