@@ -63,9 +63,17 @@ stop_all() {
     ) >/dev/null 2>&1 &
     watchdog=$!
 }
-trap 'echo "local.sh: signal received, stopping all processes" >&2; stop_all' INT TERM
+on_signal() {
+    echo "local.sh: signal received, stopping all processes" >&2
+    stop_all
+}
+# While the processes are being started, a signal is only noted: stop_all, run by the trap
+# between a process's `&` and `running+=("$!")`, would leave its watchdog's pid in $!, and that
+# process would never be stopped.
+signalled=0
+trap 'signalled=1' INT TERM
 
-for ((i = 0; i < num_processes && !stopping; i++)); do
+for ((i = 0; i < num_processes && !signalled; i++)); do
     args=(
         -m "${MODULE:-diffusion_jax.train}"
         --cpu_devices="$devices_per_process"
@@ -81,9 +89,9 @@ for ((i = 0; i < num_processes && !stopping; i++)); do
     fi
     running+=("$!")
 done
-if ((stopping)); then
-    # A signal that arrived while a process was being started reached only those before it.
-    kill -TERM "${running[@]}" 2>/dev/null || true
+trap on_signal INT TERM
+if ((signalled)); then
+    on_signal
 fi
 
 status=0

@@ -226,7 +226,7 @@ _STUB = textwrap.dedent(
     all_args="$* "
     id=${all_args##*--process_id=}
     id=${id%% *}
-    trap 'echo TERM > "$STUB_DIR/signal_$id"; kill $(jobs -p) 2>/dev/null; exit 0' TERM
+    trap 'echo TERM > "$STUB_DIR/signal_$id"; kill $(jobs -p) 2>/dev/null || true; exit 0' TERM
     printf '%s\\n' "$@" > "$STUB_DIR/args_$id"
     case "$STUB_MODE:$id" in
         ok:*) exit 0 ;;
@@ -235,6 +235,8 @@ _STUB = textwrap.dedent(
             while [[ ! -e $STUB_DIR/args_0 ]]; do sleep 0.05; done
             exit 3
             ;;
+        # Stops the launcher while it is still starting the processes after this one.
+        signal:0) kill -INT "$PPID" ;;
         stubborn:*)
             trap '' TERM
             exec sleep 60
@@ -309,6 +311,17 @@ def test_local_sh_kills_the_processes_that_ignore_sigterm(launch_stub, tmp_path)
         time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=30) == 128 + signal.SIGKILL
+
+
+def test_local_sh_signal_while_starting_stops_every_process(launch_stub, tmp_path):
+    # Many processes, so that the signal from process 0 arrives while the others are started.
+    launcher = launch_stub("signal", ["64", "1", "--"])
+    # Well before KILL_AFTER (20 s), so every process was sent SIGTERM; 143 if one got it before
+    # installing its handler.
+    assert launcher.wait(timeout=10) in (0, 128 + signal.SIGTERM)
+    for process in range(64):
+        if (tmp_path / f"args_{process}").exists():
+            assert (tmp_path / f"signal_{process}").read_text().strip() == "TERM"
 
 
 def test_local_sh_usage():
