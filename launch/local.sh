@@ -85,7 +85,10 @@ for ((i = 0; i < num_processes && !signalled; i++)); do
     if [[ -n ${LOG_DIR:-} ]]; then
         "$python" "${args[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
     else
-        "$python" "${args[@]}" > >(sed -u "s/^/[$i] /") 2>&1 &
+        # The filter is a child of this script (not of the process), for the final `wait`.
+        exec {to_filter}> >(sed -u "s/^/[$i] /")
+        "$python" "${args[@]}" >&"$to_filter" 2>&1 &
+        exec {to_filter}>&-
     fi
     running+=("$!")
 done

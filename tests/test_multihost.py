@@ -230,6 +230,11 @@ _STUB = textwrap.dedent(
     printf '%s\\n' "$@" > "$STUB_DIR/args_$id"
     case "$STUB_MODE:$id" in
         ok:*) exit 0 ;;
+        print:*)
+            # A line printed after the process has ended, by a child that inherited its output.
+            (sleep 0.3; echo "last line") &
+            exit 0
+            ;;
         fail:1)
             # Fails once process 0 is running (with its handler installed).
             while [[ ! -e $STUB_DIR/args_0 ]]; do sleep 0.05; done
@@ -255,11 +260,11 @@ def launch_stub(start_local_sh, tmp_path):
     stub.write_text(_STUB)
     stub.chmod(0o755)
 
-    def launch(mode: str, args: list[str], **env) -> subprocess.Popen:
+    def launch(mode: str, args: list[str], stdout=subprocess.DEVNULL, **env) -> subprocess.Popen:
         env = _env(
             PYTHON=str(stub), STUB_DIR=str(tmp_path), STUB_MODE=mode, **{"KILL_AFTER": "20", **env}
         )
-        return start_local_sh(args, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return start_local_sh(args, env, stdout=stdout, stderr=subprocess.DEVNULL)
 
     return launch
 
@@ -281,6 +286,14 @@ def test_local_sh_passes_flags(launch_stub, tmp_path):
             f"--process_id={process}",
             "--workdir=/w",
         ]
+
+
+def test_local_sh_prints_all_output_before_it_exits(launch_stub, tmp_path):
+    output = tmp_path / "output"
+    with open(output, "w") as stdout:
+        launcher = launch_stub("print", ["2", "1", "--"], stdout=stdout)
+    assert launcher.wait(timeout=30) == 0
+    assert sorted(output.read_text().splitlines()) == ["[0] last line", "[1] last line"]
 
 
 def test_local_sh_stops_all_when_one_fails(launch_stub, tmp_path):
