@@ -50,17 +50,16 @@ fi
 
 running=()
 stopping=0
-# Sends SIGTERM to the processes still running, then SIGKILL after $kill_after seconds.
+watchdog=""
+# Sends SIGTERM to the processes still running and starts the watchdog: a sleep of $kill_after
+# seconds, at the end of which the wait loop below sends SIGKILL to the processes left.
 stop_all() {
     if ((stopping)); then
         return
     fi
     stopping=1
     kill -TERM "${running[@]}" 2>/dev/null || true
-    (
-        sleep "$kill_after"
-        kill -KILL "${running[@]}" 2>/dev/null || true
-    ) >/dev/null 2>&1 &
+    sleep "$kill_after" >/dev/null 2>&1 &
     watchdog=$!
 }
 on_signal() {
@@ -98,34 +97,45 @@ if ((signalled)); then
 fi
 
 status=0
-while ((${#running[@]} > 0)); do
-    finished=""
-    rc=0
-    wait -n -p finished "${running[@]}" 2>/dev/null || rc=$?
-    if [[ -z ${finished:-} ]]; then
-        if ((rc != 127)); then
-            continue # interrupted by a trapped signal
-        fi
-        # None of them is a job any more: bash forgets a job killed by a signal (two processes
-        # killed together, say) once it has noted its end outside `wait -n`; `wait PID` still
-        # has its status.
-        finished=${running[0]}
-        rc=0
-        wait "$finished" || rc=$?
-    fi
+# Takes process $1 out of the running ones, with exit status $2; the first failure stops the
+# others.
+ended() {
+    local j
     for j in "${!running[@]}"; do
-        if [[ ${running[j]} == "$finished" ]]; then
+        if [[ ${running[j]} == "$1" ]]; then
             unset "running[j]"
         fi
     done
     running=("${running[@]}")
-    if ((rc != 0 && status == 0)); then
-        status=$rc
-        echo "local.sh: process with pid $finished exited with status $rc" >&2
+    if (($2 != 0 && status == 0)); then
+        status=$2
+        echo "local.sh: process with pid $1 exited with status $2" >&2
         stop_all
     fi
+}
+while ((${#running[@]} > 0)); do
+    rc=0
+    # Returns when a process or the watchdog ends (its pid in $finished), or a trapped signal
+    # arrives ($finished unset).
+    wait -n -p finished "${running[@]}" ${watchdog:+"$watchdog"} 2>/dev/null || rc=$?
+    if [[ -n $watchdog && ${finished:-} == "$watchdog" ]]; then
+        watchdog=""
+        kill -KILL "${running[@]}" 2>/dev/null || true
+    elif [[ -n ${finished:-} ]]; then
+        ended "$finished" "$rc"
+    fi
+    # Bash forgets a job killed by a signal once it has noted its end outside this `wait -n`
+    # (two processes killed together, say): `wait -n` would never report it; `wait PID` has its
+    # status.
+    for pid in "${running[@]}"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            rc=0
+            wait "$pid" 2>/dev/null || rc=$?
+            ended "$pid" "$rc"
+        fi
+    done
 done
-if [[ -n ${watchdog:-} ]]; then
+if [[ -n $watchdog ]]; then
     kill "$watchdog" 2>/dev/null || true
 fi
 wait # for the output filters to flush

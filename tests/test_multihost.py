@@ -207,10 +207,19 @@ def test_sigterm_to_local_sh_saves_and_stops_all_processes(start_local_sh, tmp_p
     finally:
         launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=RUN_TIMEOUT_S) == 0
+    _assert_nothing_left(launcher)
     last = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert 2 <= last < 100000
     for process in range(2):
         assert f"saved step {last}, exiting" in _read(logs / f"process_{process}.log")
+
+
+def _assert_nothing_left(launcher: subprocess.Popen):
+    """Nothing that the launcher started (in its session) outlives it."""
+    left = subprocess.run(
+        ["ps", "-s", str(launcher.pid), "-o", "pid=,args="], capture_output=True, text=True
+    ).stdout
+    assert not left, f"still running after the launcher:\n{left}"
 
 
 def _read(path: pathlib.Path) -> str:
@@ -226,7 +235,13 @@ _STUB = textwrap.dedent(
     all_args="$* "
     id=${all_args##*--process_id=}
     id=${id%% *}
-    trap 'echo TERM > "$STUB_DIR/signal_$id"; kill $(jobs -p) 2>/dev/null || true; exit 0' TERM
+    on_term() {
+        echo TERM > "$STUB_DIR/signal_$id"
+        kill $(jobs -p) 2>/dev/null || true
+        wait
+        exit 0
+    }
+    trap on_term TERM
     printf '%s\\n' "$@" > "$STUB_DIR/args_$id"
     case "$STUB_MODE:$id" in
         ok:*) exit 0 ;;
@@ -276,6 +291,7 @@ def _stub_args(tmp_path, process: int) -> list[str]:
 def test_local_sh_passes_flags(launch_stub, tmp_path):
     launcher = launch_stub("ok", ["3", "2", "--", "--workdir=/w"], PORT="12345")
     assert launcher.wait(timeout=30) == 0
+    _assert_nothing_left(launcher)
     for process in range(3):
         assert _stub_args(tmp_path, process) == [
             "-m",
@@ -300,6 +316,7 @@ def test_local_sh_stops_all_when_one_fails(launch_stub, tmp_path):
     start = time.monotonic()
     launcher = launch_stub("fail", ["2", "1", "--"])
     assert launcher.wait(timeout=30) == 3
+    _assert_nothing_left(launcher)
     assert time.monotonic() - start < 15  # process 0 was stopped, not waited for
     assert (tmp_path / "signal_0").read_text().strip() == "TERM"
 
@@ -312,6 +329,7 @@ def test_local_sh_forwards_signals(launch_stub, tmp_path):
         time.sleep(0.05)
     launcher.send_signal(signal.SIGINT)
     assert launcher.wait(timeout=30) == 0
+    _assert_nothing_left(launcher)
     for process in range(2):
         assert (tmp_path / f"signal_{process}").read_text().strip() == "TERM"
 
@@ -324,6 +342,7 @@ def test_local_sh_kills_the_processes_that_ignore_sigterm(launch_stub, tmp_path)
         time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=30) == 128 + signal.SIGKILL
+    _assert_nothing_left(launcher)
 
 
 def test_local_sh_signal_while_starting_stops_every_process(launch_stub, tmp_path):
@@ -332,6 +351,7 @@ def test_local_sh_signal_while_starting_stops_every_process(launch_stub, tmp_pat
     # Well before KILL_AFTER (20 s), so every process was sent SIGTERM; 143 if one got it before
     # installing its handler.
     assert launcher.wait(timeout=10) in (0, 128 + signal.SIGTERM)
+    _assert_nothing_left(launcher)
     for process in range(64):
         if (tmp_path / f"args_{process}").exists():
             assert (tmp_path / f"signal_{process}").read_text().strip() == "TERM"
