@@ -84,8 +84,10 @@ for ((i = 0; i < num_processes && !signalled; i++)); do
     if [[ -n ${LOG_DIR:-} ]]; then
         "$python" "${args[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
     else
-        # The filter is a child of this script (not of the process), for the final `wait`.
-        exec {to_filter}> >(sed -u "s/^/[$i] /")
+        # The filter is a child of this script (not of the process), for the final `wait`. It
+        # ignores the Ctrl-C of a terminal (sent to all of them) and ends with its process's
+        # output, which may still hold the process's last words.
+        exec {to_filter}> >(trap '' INT TERM && exec sed -u "s/^/[$i] /")
         "$python" "${args[@]}" >&"$to_filter" 2>&1 &
         exec {to_filter}>&-
     fi

@@ -237,6 +237,7 @@ _STUB = textwrap.dedent(
     id=${id%% *}
     on_term() {
         echo TERM > "$STUB_DIR/signal_$id"
+        echo stopped
         kill $(jobs -p) 2>/dev/null || true
         wait
         exit 0
@@ -284,6 +285,14 @@ def launch_stub(start_local_sh, tmp_path):
     return launch
 
 
+def _wait_until_started(launcher: subprocess.Popen, tmp_path, num_processes: int):
+    """Until every stub process has installed its SIGTERM handler."""
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"args_{i}").exists() for i in range(num_processes)):
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+
+
 def _stub_args(tmp_path, process: int) -> list[str]:
     return (tmp_path / f"args_{process}").read_text().splitlines()
 
@@ -323,10 +332,7 @@ def test_local_sh_stops_all_when_one_fails(launch_stub, tmp_path):
 
 def test_local_sh_forwards_signals(launch_stub, tmp_path):
     launcher = launch_stub("wait", ["2", "1", "--"])
-    deadline = time.monotonic() + 30
-    while not all((tmp_path / f"args_{i}").exists() for i in range(2)):
-        assert time.monotonic() < deadline and launcher.poll() is None
-        time.sleep(0.05)
+    _wait_until_started(launcher, tmp_path, 2)
     launcher.send_signal(signal.SIGINT)
     assert launcher.wait(timeout=30) == 0
     _assert_nothing_left(launcher)
@@ -334,12 +340,21 @@ def test_local_sh_forwards_signals(launch_stub, tmp_path):
         assert (tmp_path / f"signal_{process}").read_text().strip() == "TERM"
 
 
+def test_local_sh_ctrl_c_in_a_terminal(launch_stub, tmp_path):
+    output = tmp_path / "output"
+    with open(output, "w") as stdout:
+        launcher = launch_stub("wait", ["2", "1", "--"], stdout=stdout)
+    _wait_until_started(launcher, tmp_path, 2)
+    # As the terminal does: to the whole foreground process group, output filters included.
+    os.killpg(launcher.pid, signal.SIGINT)
+    assert launcher.wait(timeout=30) == 0
+    _assert_nothing_left(launcher)
+    assert sorted(output.read_text().splitlines()) == ["[0] stopped", "[1] stopped"]
+
+
 def test_local_sh_kills_the_processes_that_ignore_sigterm(launch_stub, tmp_path):
     launcher = launch_stub("stubborn", ["2", "1", "--"], KILL_AFTER="1")
-    deadline = time.monotonic() + 30
-    while not all((tmp_path / f"args_{i}").exists() for i in range(2)):
-        assert time.monotonic() < deadline and launcher.poll() is None
-        time.sleep(0.05)
+    _wait_until_started(launcher, tmp_path, 2)
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=30) == 128 + signal.SIGKILL
     _assert_nothing_left(launcher)
