@@ -190,9 +190,6 @@ def start_local_sh():
         launcher.wait()
 
 
-# Behind the marker: in the default suite, test_local_sh_forwards_signals (after it) timed out
-# twice in full runs from a clean clone, never alone or next to it; not understood yet.
-@pytest.mark.slow
 def test_sigterm_to_local_sh_saves_and_stops_all_processes(start_local_sh, tmp_path):
     logs = tmp_path / "logs"
     flags = [*TINY_RUN, f"--workdir={tmp_path}", "--config.training.num_steps=100000"]
