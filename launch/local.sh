@@ -50,22 +50,29 @@ fi
 
 running=()
 stopping=0
-# Sends SIGTERM to the processes still running, then SIGKILL after $kill_after seconds.
+watchdog=""
+# Sends SIGTERM to the processes still running and starts the watchdog: a sleep of $kill_after
+# seconds, at the end of which the wait loop below sends SIGKILL to the processes left.
 stop_all() {
     if ((stopping)); then
         return
     fi
     stopping=1
     kill -TERM "${running[@]}" 2>/dev/null || true
-    (
-        sleep "$kill_after"
-        kill -KILL "${running[@]}" 2>/dev/null || true
-    ) >/dev/null 2>&1 &
+    sleep "$kill_after" >/dev/null 2>&1 &
     watchdog=$!
 }
-trap 'echo "local.sh: signal received, stopping all processes" >&2; stop_all' INT TERM
+on_signal() {
+    echo "local.sh: signal received, stopping all processes" >&2
+    stop_all
+}
+# While the processes are being started, a signal is only noted: stop_all, run by the trap
+# between a process's `&` and `running+=("$!")`, would leave its watchdog's pid in $!, and that
+# process would never be stopped.
+signalled=0
+trap 'signalled=1' INT TERM
 
-for ((i = 0; i < num_processes && !stopping; i++)); do
+for ((i = 0; i < num_processes && !signalled; i++)); do
     args=(
         -m "${MODULE:-diffusion_jax.train}"
         --cpu_devices="$devices_per_process"
@@ -77,36 +84,60 @@ for ((i = 0; i < num_processes && !stopping; i++)); do
     if [[ -n ${LOG_DIR:-} ]]; then
         "$python" "${args[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
     else
-        "$python" "${args[@]}" > >(sed -u "s/^/[$i] /") 2>&1 &
+        # The filter is a child of this script (not of the process), for the final `wait`. It
+        # ignores the Ctrl-C of a terminal (sent to all of them) and ends with its process's
+        # output, which may still hold the process's last words.
+        exec {to_filter}> >(trap '' INT TERM && exec sed -u "s/^/[$i] /")
+        "$python" "${args[@]}" >&"$to_filter" 2>&1 &
+        exec {to_filter}>&-
     fi
     running+=("$!")
 done
-if ((stopping)); then
-    # A signal that arrived while a process was being started reached only those before it.
-    kill -TERM "${running[@]}" 2>/dev/null || true
+trap on_signal INT TERM
+if ((signalled)); then
+    on_signal
 fi
 
 status=0
-while ((${#running[@]} > 0)); do
-    finished=""
-    rc=0
-    wait -n -p finished "${running[@]}" || rc=$?
-    if [[ -z ${finished:-} ]]; then
-        continue # interrupted by a trapped signal
-    fi
+# Takes process $1 out of the running ones, with exit status $2; the first failure stops the
+# others.
+ended() {
+    local j
     for j in "${!running[@]}"; do
-        if [[ ${running[j]} == "$finished" ]]; then
+        if [[ ${running[j]} == "$1" ]]; then
             unset "running[j]"
         fi
     done
     running=("${running[@]}")
-    if ((rc != 0 && status == 0)); then
-        status=$rc
-        echo "local.sh: process with pid $finished exited with status $rc" >&2
+    if (($2 != 0 && status == 0)); then
+        status=$2
+        echo "local.sh: process with pid $1 exited with status $2" >&2
         stop_all
     fi
+}
+while ((${#running[@]} > 0)); do
+    rc=0
+    # Returns when a process or the watchdog ends (its pid in $finished), or a trapped signal
+    # arrives ($finished unset).
+    wait -n -p finished "${running[@]}" ${watchdog:+"$watchdog"} 2>/dev/null || rc=$?
+    if [[ -n $watchdog && ${finished:-} == "$watchdog" ]]; then
+        watchdog=""
+        kill -KILL "${running[@]}" 2>/dev/null || true
+    elif [[ -n ${finished:-} ]]; then
+        ended "$finished" "$rc"
+    fi
+    # Bash forgets a job killed by a signal once it has noted its end outside this `wait -n`
+    # (two processes killed together, say): `wait -n` would never report it; `wait PID` has its
+    # status.
+    for pid in "${running[@]}"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            rc=0
+            wait "$pid" 2>/dev/null || rc=$?
+            ended "$pid" "$rc"
+        fi
+    done
 done
-if [[ -n ${watchdog:-} ]]; then
+if [[ -n $watchdog ]]; then
     kill "$watchdog" 2>/dev/null || true
 fi
 wait # for the output filters to flush
