@@ -50,8 +50,9 @@ from _common import (  # noqa: E402
     timed,
 )
 
-from diffusion_jax import config_lib, generate, guidance, sampling, schedules  # noqa: E402
+from diffusion_jax import config_lib, guidance, sampling, schedules  # noqa: E402
 from diffusion_jax.models import NoisyClassifier, UNet  # noqa: E402
+from diffusion_jax.models.classifier import log_prob_fn  # noqa: E402
 
 NUM_TIMESTEPS = 1000  # the trained process; shorter chains are respacings of it
 NUM_CLASSES = 10
@@ -225,7 +226,7 @@ def bench_guidance(args):
                 return conditional
             return guidance.classifier(
                 conditional,
-                generate.classifier_log_prob(classifier, cls["params"]),
+                log_prob_fn(classifier, cls["params"]),
                 labels,
                 args.guidance_scale,
                 training_schedule,

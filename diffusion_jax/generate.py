@@ -9,14 +9,13 @@ N samples is the same on any number of devices or processes and in any chunking 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from diffusion_jax import config_lib, guidance, sampling, sharding
+from diffusion_jax.models.classifier import log_prob_fn
 
 
 def sample_keys(rng, indices):
@@ -86,7 +85,7 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
         if scfg.guidance == "classifier":
             model_fn = guidance.classifier(
                 model_fn,
-                classifier_log_prob(classifier.model, classifier_params),
+                log_prob_fn(classifier.model, classifier_params),
                 y,
                 scfg.guidance_scale,
                 training_schedule,
@@ -96,25 +95,16 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
         x0 = sampling.sample(model_fn, schedule, shape, keys, **options)
         return jnp.clip(x0, -1.0, 1.0)
 
-    compiled = jax.jit(
-        generate, in_shardings=(param_sharding, None, None), out_shardings=batch_sharding
-    )
     if classifier is None:
-        return compiled
-    # A keyword argument keeps the layout the restored parameters already have.
-    return functools.partial(compiled, classifier_params=classifier.params)
-
-
-def classifier_log_prob(model, params):
-    """``log_prob_fn(x_t, t, y) -> log p(y | x_t)`` ``[B]`` of a noisy-image classifier (its
-    logits' log-softmax at ``y``), as ``guidance.classifier`` takes it."""
-
-    def log_prob_fn(x_t, t, y):
-        logits = model.apply({"params": params}, x_t, t, train=False)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-        return jnp.take_along_axis(log_probs, y[:, None], axis=1)[:, 0]
-
-    return log_prob_fn
+        return jax.jit(
+            generate, in_shardings=(param_sharding, None, None), out_shardings=batch_sharding
+        )
+    compiled = jax.jit(
+        generate,
+        in_shardings=(param_sharding, None, None, classifier.param_sharding),
+        out_shardings=batch_sharding,
+    )
+    return lambda params, rng, first_index: compiled(params, rng, first_index, classifier.params)
 
 
 def sample_labels(config, num_classes: int | None, indices) -> np.ndarray | None:

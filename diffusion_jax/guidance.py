@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import diffusion
 from diffusion_jax.diffusion import check_option, extract
@@ -32,7 +33,9 @@ def check_labels(labels, num_classes: int | None):
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be an int array [B], got {labels.dtype} {labels.shape}")
     if not isinstance(labels, jax.core.Tracer) and labels.size:
-        low, high = int(labels.min()), int(labels.max())
+        # NumPy, not jnp: inside a jit trace, jnp's min of a concrete array is a tracer.
+        values = np.asarray(labels)
+        low, high = int(values.min()), int(values.max())
         if low < 0 or (num_classes is not None and high >= num_classes):
             raise ValueError(
                 f"labels must lie in [0, {num_classes}), got values in [{low}, {high}]"

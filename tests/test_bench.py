@@ -26,7 +26,8 @@ TINY = [
     "--batch",
     "2",
 ]
-SAMPLER_ARGS = TINY + ["--steps", "3", "--respaced_steps", "2", "--repeats", "1", "--warmup", "0"]
+SAMPLER_ARGS = TINY + ["--steps", "3", "--respaced_steps", "2", "--guidance_steps", "2"]
+SAMPLER_ARGS += ["--repeats", "1", "--warmup", "0"]
 TRAIN_ARGS = TINY + ["--steps", "1", "--max_batch", "4"]
 PROFILE_ARGS = TINY + ["--steps", "2", "--warmup", "1"]
 EVALUATE_ARGS = ["--ch", "16", "--steps", "21", "--respaced_steps", "3", "--inception_batch", "0"]
@@ -76,9 +77,18 @@ def test_bench_scripts_print_json_lines(tmp_path):
     evaluate_lines = _lines(evaluate)
 
     respaced = {"ancestral_respaced": 2, "ddim": 2, "dpmpp_2m": 2, "dpmpp_3m": 2, "heun": 3}
-    assert set(sampler_lines) == {"env", "sampler_chain_only", "sampler_ancestral"} | {
-        f"sampler_{name}" for name in respaced
-    }
+    assert set(sampler_lines) == {
+        "env",
+        "sampler_chain_only",
+        "sampler_ancestral",
+        "sampler_guidance",
+    } | {f"sampler_{name}" for name in respaced}
+    guided = sampler_lines["sampler_guidance"]
+    assert [line["guidance"] for line in guided] == ["none", "classifier_free", "classifier"]
+    assert guided[0]["ratio"] == 1.0
+    for line in guided:
+        assert line["steps"] == 2
+        _assert_positive(line, ["s", "per_step_ms", "ratio", "cpu_ratio", "compile_s"])
     chain_only = sampler_lines["sampler_chain_only"]
     assert [(line["method"], line["record_every"]) for line in chain_only] == [
         ("ancestral", None),

@@ -248,6 +248,17 @@ def test_bad_input_fails_with_one_line(make, message):
     assert "\n" not in str(info.value)
 
 
+def test_concrete_labels_are_checked_inside_a_jit_trace_too():
+    """A wrapper built inside a jitted function from labels made outside it."""
+    points = _noisy_points(num=2)
+    wrapped = lambda labels: jax.jit(
+        lambda x, t: guidance.classifier_free(COND_FN, labels, 1.0, null_label=K)(x, t)
+    )
+    assert np.all(np.isfinite(wrapped(jnp.array([0, 2]))(*points)))
+    with pytest.raises(ValueError, match=r"got values in \[0, 3\]"):
+        wrapped(jnp.array([0, 3]))(*points)
+
+
 def test_labels_are_checked_only_when_concrete():
     fn = jax.jit(
         lambda y: guidance.classifier_free(COND_FN, y, 1.0, null_label=K)(*_noisy_points(num=2))

@@ -7,9 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, generate, reporting, sampling, sharding, train_step
+from diffusion_jax import (
+    config_lib,
+    generate,
+    pretrained,
+    reporting,
+    sampling,
+    sharding,
+    train,
+    train_step,
+)
 from diffusion_jax.evaluators import fid
+from tests import test_classifier
 from tests.test_evaluate import tiny_config
+from tests.test_folder_data import folder  # noqa: F401  (the fixture, for this module too)
 
 CONDITIONAL = {"model.class_conditional": True, "model.label_dropout": 0.1}
 # GroupNorm over single channels (32 groups of 32 channels) would remove the per-channel offset
@@ -149,3 +160,122 @@ def test_label_agreement_is_the_argmax_match_rate():
     result = fid._label_agreement(logits, np.array([1, 0, 0, 0]))
     assert result["label_agreement"] == 0.5
     assert result["label_agreement_by_class"] == {0: 1 / 3, 1: 1.0}
+
+
+# --- classifier guidance from a classifier's workdir -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier_workdir(tmp_path_factory):
+    """A tiny digits classifier of the same process as ``tiny_config`` (T = 50), 2 steps."""
+    workdir = tmp_path_factory.mktemp("classifier")
+    train.train_and_evaluate(test_classifier.tiny_config(), workdir)
+    return workdir
+
+
+def _classifier_guided(workdir, scale, **overrides):
+    config = tiny_config(
+        **GROUPS,
+        **{
+            "sampling.guidance": "classifier",
+            "sampling.guidance_scale": scale,
+            "sampling.classifier_workdir": str(workdir),
+            "sampling.num_steps": 10,
+            **overrides,
+        },
+    )
+    return config_lib.validate(config)
+
+
+def test_classifier_guided_generation_equals_a_hand_guided_chain(classifier_workdir):
+    """``generate`` with the classifier of a workdir against eps - s sqrt(1 - abar_t) grad
+    log p(y | x_t) written out with ``jax.grad`` of the restored classifier's log-softmax, on a
+    respaced chain (the gradient's sigma and the classifier's t are the training process's);
+    s = 0 is unguided sampling."""
+    num, s, first = 12, 40.0, 3
+    config = _classifier_guided(classifier_workdir, s)
+    model, mesh = config_lib.make_model(config), sharding.make_mesh(1)
+    params = perturbed_params(config, model, mesh)
+    classifier = pretrained.load_classifier(config, mesh)
+    assert classifier.step == 2
+    guided = generate.make_generate_fn(
+        config, model, mesh, sharding.replicated(mesh), num, classifier
+    )
+    rng = jax.random.PRNGKey(4)
+    samples = np.asarray(guided(params, rng, first))
+
+    labels = jnp.asarray(generate.sample_labels(config, 10, first + np.arange(num)))
+    abar = config_lib.make_schedule(config).alphas_cumprod
+
+    def log_prob_sum(x_t, t):
+        logits = classifier.model.apply({"params": classifier.params}, x_t, t, train=False)
+        return jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(num), labels])
+
+    def by_hand(x_t, t):
+        eps = model.apply({"params": params}, x_t, t, None, train=False)
+        sigma = jnp.sqrt(1.0 - abar[t])[:, None, None, None]
+        return eps - s * sigma * jax.grad(log_prob_sum)(x_t, t)
+
+    keys = generate.sample_keys(jax.random.split(rng)[1], first + jnp.arange(num))
+    schedule = config_lib.make_sampling_schedule(config)
+    options = config_lib.sampler_options(config)
+    expected = sampling.sample(by_hand, schedule, (num, 8, 8, 1), keys, **options)
+    np.testing.assert_allclose(samples, np.clip(expected, -1, 1), atol=2e-5)
+
+    unguided_config = tiny_config(**GROUPS, **{"sampling.num_steps": 10})
+    unguided = generate.make_generate_fn(
+        unguided_config, model, mesh, sharding.replicated(mesh), num
+    )
+    unguided = np.asarray(unguided(params, rng, first))
+    config.sampling.guidance_scale = 0.0
+    at_zero = generate.make_generate_fn(
+        config, model, mesh, sharding.replicated(mesh), num, classifier
+    )
+    np.testing.assert_allclose(np.asarray(at_zero(params, rng, first)), unguided, atol=2e-5)
+    assert np.abs(samples - unguided).max() > 0.05
+
+
+@pytest.fixture(scope="module")
+def rgb16_classifier(folder, tmp_path_factory):  # noqa: F811  (the fixture)
+    """A tiny classifier of 16x16 RGB images (the test image folder), 1 step."""
+    workdir = tmp_path_factory.mktemp("rgb16_classifier")
+    config = test_classifier.tiny_config(
+        **{
+            "data.name": "folder",
+            "data.path": str(folder),
+            "data.image_size": 16,
+            "data.channels": 3,
+            "training.num_steps": 1,
+            "training.checkpoint_every": 1,
+        }
+    )
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_a_classifier_for_other_images_or_noise_is_refused_before_anything_is_written(
+    classifier_workdir, rgb16_classifier, tmp_path
+):
+    cases = [
+        (
+            rgb16_classifier,
+            {},
+            "the classifier there was trained on images of 16x16x3, the model sampled here "
+            "generates 8x8x1",
+        ),
+        (
+            classifier_workdir,
+            {"diffusion.num_timesteps": 40},
+            "trained on the noise schedule 'linear' x 50, the model sampled here uses "
+            "'linear' x 40",
+        ),
+        (tmp_path / "nothing", {}, "holds no usable run"),
+    ]
+    for workdir, overrides, message in cases:
+        config = _classifier_guided(workdir, 1.0, **{"training.sample_every": 1, **overrides})
+        run = tmp_path / "run"
+        with pytest.raises(config_lib.ConfigError, match=message) as info:
+            train.train_and_evaluate(config, run)
+        assert "'sampling.classifier_workdir'" in str(info.value)
+        assert "\n" not in str(info.value)
+        assert not run.exists()
