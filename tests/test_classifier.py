@@ -10,12 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +22,6 @@ import pytest
 from PIL import Image
 
 from diffusion_jax import (
-    checkpointing,
     config_lib,
     evaluators,
     guidance,
@@ -38,12 +34,14 @@ from diffusion_jax import (
 from diffusion_jax.evaluators import accuracy, common
 from diffusion_jax.models import NoisyClassifier, UNet
 from diffusion_jax.models.classifier import log_prob_fn
+from tests.test_evaluate import run_on_4_devices
 from tests.test_train import (
     _assert_trees_equal,
     _config,
     _read_checkpoint,
     _steps,
     cache_dir,  # noqa: F401  (the fixture, for this module too)
+    nothing_built,  # noqa: F401  (the fixture)
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -388,21 +386,7 @@ def test_bfloat16_step_stays_close_and_keeps_float32_parameters(one_step):
 
 @pytest.fixture(scope="module")
 def sharded_runs():
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
-        JAX_PLATFORMS="cpu",
-    )
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.sharded_classifier"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return run_on_4_devices("tests.sharded_classifier")
 
 
 def test_logits_and_train_step_are_the_same_on_1_and_4_devices(sharded_runs, one_step):
@@ -532,16 +516,6 @@ def test_training_raises_low_t_accuracy_above_chance(tmp_path):
 # Config errors.
 
 
-@pytest.fixture
-def nothing_built(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("built the model or checkpoints despite a bad config")
-
-    monkeypatch.setattr(train_step, "create_train_state", fail)
-    monkeypatch.setattr(train_step, "make_train_step", fail)
-    monkeypatch.setattr(checkpointing, "Checkpointer", fail)
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -583,9 +557,8 @@ def nothing_built(monkeypatch):
         ),
     ],
 )
-def test_bad_classifier_config_fails_before_anything_is_built(
-    overrides, message, tmp_path, nothing_built
-):
+@pytest.mark.usefixtures("nothing_built")
+def test_bad_classifier_config_fails_before_anything_is_built(overrides, message, tmp_path):
     workdir = tmp_path / "run"
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)) as error:
         train.train_and_evaluate(tiny_config(**overrides), workdir)
@@ -594,8 +567,9 @@ def test_bad_classifier_config_fails_before_anything_is_built(
 
 
 @pytest.mark.parametrize("subdirectories", [False, True], ids=["unlabeled", "one_class"])
+@pytest.mark.usefixtures("nothing_built")
 def test_classifier_on_data_without_classes_fails_before_anything_is_built(
-    subdirectories, tmp_path, nothing_built
+    subdirectories, tmp_path
 ):
     folder = tmp_path / "images"
     for i in range(3):

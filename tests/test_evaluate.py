@@ -120,15 +120,15 @@ def test_bound_over_the_test_split_matches_its_closed_form(tmp_path):
     assert len(result["terms_bpd"]) == len(result["mse"]) == 1000
 
 
-@pytest.fixture(scope="module")
-def sharded_runs():
+def run_on_4_devices(module: str) -> dict:
+    """The JSON line that ``python -m <module>`` prints, run with 4 CPU devices."""
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
         JAX_PLATFORMS="cpu",
     )
     out = subprocess.run(
-        [sys.executable, "-m", "tests.sharded_eval"],
+        [sys.executable, "-m", module],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -137,6 +137,11 @@ def sharded_runs():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def sharded_runs():
+    return run_on_4_devices("tests.sharded_eval")
 
 
 def test_bound_per_example_is_the_same_on_1_and_4_devices_and_any_batch(sharded_runs):

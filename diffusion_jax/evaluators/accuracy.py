@@ -58,8 +58,7 @@ def make_score_fn(ctx: common.Context):
 def run(ctx: common.Context) -> dict:
     cfg = ctx.config
     split, batch_size = cfg.eval.split, cfg.eval.batch_size
-    available = input_pipeline.split_size(cfg.data, split)
-    num_examples = min(cfg.eval.num_examples or available, available)
+    num_examples = common.num_examples(cfg)
     num_timesteps = cfg.diffusion.num_timesteps
     score_fn = make_score_fn(ctx)
     progress = common.Progress(f"accuracy on {split}", num_examples, "images")
@@ -74,14 +73,7 @@ def run(ctx: common.Context) -> dict:
         cfg.data, split, global_batch_size=batch_size, num_examples=num_examples
     )
     for b, local in enumerate(batches):
-        batch = sharding.global_batch(
-            ctx.mesh,
-            {
-                "image": local["image"],
-                "label": local["label"],
-                "keys": np.asarray(common.example_keys(cfg.eval.seed, local["index"])),
-            },
-        )
+        batch = common.keyed_batch(ctx, local)
         out = generate.to_host(score_fn(ctx.params, batch))
         labels = generate.to_host(batch["label"])
         index = b * batch_size + np.arange(batch_size)  # the global batch, all processes

@@ -96,8 +96,7 @@ def _save(path, sums: dict, settings: dict) -> None:
 def run(ctx: common.Context) -> dict:
     cfg = ctx.config
     split, batch_size = cfg.eval.split, cfg.eval.batch_size
-    available = input_pipeline.split_size(cfg.data, split)
-    num_examples = min(cfg.eval.num_examples or available, available)
+    num_examples = common.num_examples(cfg)
     num_timesteps = cfg.diffusion.num_timesteps
     settings = _settings(ctx, num_examples)
     partial_path = ctx.eval_dir / f"bpd_step{ctx.step}.partial.npz"
@@ -114,14 +113,7 @@ def run(ctx: common.Context) -> dict:
         start_batch=start,
     )
     for b, local in enumerate(batches, start):
-        batch = sharding.global_batch(
-            ctx.mesh,
-            {
-                "image": local["image"],
-                "label": local["label"],
-                "keys": np.asarray(common.example_keys(cfg.eval.seed, local["index"])),
-            },
-        )
+        batch = common.keyed_batch(ctx, local)
         out = generate.to_host(bound_fn(ctx.params, batch))
         index = b * batch_size + np.arange(batch_size)  # the global batch, all processes
         mask = index < num_examples

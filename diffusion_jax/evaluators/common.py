@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import generate, pretrained, sharding
+from diffusion_jax import generate, input_pipeline, pretrained, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,27 @@ def restore(config, workdir, step: int) -> Context:
         params=params,
         param_sharding=param_sharding,
         eval_dir=workdir / "eval",
+    )
+
+
+def num_examples(config) -> int:
+    """How many examples of ``eval.split`` an evaluation covers: ``eval.num_examples`` (0: all),
+    at most the split's size."""
+    available = input_pipeline.split_size(config.data, config.eval.split)
+    return min(config.eval.num_examples or available, available)
+
+
+def keyed_batch(ctx: Context, local: dict) -> dict:
+    """This process's rows of an evaluation batch (``input_pipeline.eval_batches``) as global
+    arrays over ``ctx.mesh``: ``image``, ``label`` and ``keys``, each example's key by its split
+    index and ``eval.seed``."""
+    return sharding.global_batch(
+        ctx.mesh,
+        {
+            "image": local["image"],
+            "label": local["label"],
+            "keys": np.asarray(example_keys(ctx.config.eval.seed, local["index"])),
+        },
     )
 
 
