@@ -279,3 +279,26 @@ def test_a_classifier_for_other_images_or_noise_is_refused_before_anything_is_wr
         assert "'sampling.classifier_workdir'" in str(info.value)
         assert "\n" not in str(info.value)
         assert not run.exists()
+
+
+def test_sample_shards_give_back_their_labels_and_refuse_a_mix(tmp_path):
+    from diffusion_jax.evaluators import common, samples
+
+    images = np.zeros((3, 2, 2, 1), np.uint8)
+    for k, labels in enumerate(([4, 5, 6], [7, 8, 9])):
+        path = tmp_path / "labelled" / f"shard_{k:06d}.npz"
+        common.write_atomically(path, common.npz_bytes(images=images, labels=np.array(labels)))
+    got, labels = samples.load_samples(tmp_path / "labelled", limit=5, with_labels=True)
+    assert got.shape == (5, 2, 2, 1)
+    np.testing.assert_array_equal(labels, [4, 5, 6, 7, 8])
+    assert samples.load_samples(tmp_path / "labelled", with_labels=False).shape[0] == 6
+
+    unlabelled = tmp_path / "unlabelled" / "shard_000000.npz"
+    common.write_atomically(unlabelled, common.npz_bytes(images=images))
+    assert samples.load_samples(unlabelled.parent, with_labels=True)[1] is None
+    common.write_atomically(
+        unlabelled.with_name("shard_000001.npz"),
+        common.npz_bytes(images=images, labels=np.array([1, 2, 3])),
+    )
+    with pytest.raises(ValueError, match="some shards of .* have labels, others not"):
+        samples.load_samples(unlabelled.parent)

@@ -39,7 +39,10 @@ def _meta(ctx: common.Context, classifier) -> dict:
         "num_samples": cfg.eval.num_samples,
         "batch_size": cfg.eval.batch_size,
         "seed": cfg.eval.seed,
-        "sampling": {k: v for k, v in cfg.sampling.to_dict().items() if k != "num_samples"},
+        # In its JSON form (tuples as lists), as meta.json gives it back.
+        "sampling": {
+            k: v for k, v in json.loads(cfg.sampling.to_json()).items() if k != "num_samples"
+        },
     }
     if classifier is not None:
         meta["classifier_step"] = classifier.step
@@ -121,7 +124,7 @@ def load_samples(directory, limit: int | None = None, *, with_labels: bool = Fal
             images = arrays["images"]
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"Cannot read samples from {path}: {e}") from e
-        if ("labels" in arrays) != bool(label_chunks or not chunks):
+        if chunks and ("labels" in arrays) != bool(label_chunks):
             raise ValueError(f"{path}: some shards of {directory} have labels, others not")
         if "labels" in arrays:
             label_chunks.append(arrays["labels"])
