@@ -235,33 +235,18 @@ def test_classifier_guided_generation_equals_a_hand_guided_chain(classifier_work
     assert np.abs(samples - unguided).max() > 0.05
 
 
-@pytest.fixture(scope="module")
-def rgb16_classifier(folder, tmp_path_factory):  # noqa: F811  (the fixture)
-    """A tiny classifier of 16x16 RGB images (the test image folder), 1 step."""
-    workdir = tmp_path_factory.mktemp("rgb16_classifier")
-    config = test_classifier.tiny_config(
-        **{
-            "data.name": "folder",
-            "data.path": str(folder),
-            "data.image_size": 16,
-            "data.channels": 3,
-            "training.num_steps": 1,
-            "training.checkpoint_every": 1,
-        }
-    )
-    train.train_and_evaluate(config, workdir)
-    return workdir
-
-
 def test_a_classifier_for_other_images_or_noise_is_refused_before_anything_is_written(
-    classifier_workdir, rgb16_classifier, tmp_path
+    classifier_workdir,
+    folder,  # noqa: F811  (the fixture)
+    tmp_path,
 ):
+    rgb16 = {"data.name": "folder", "data.path": str(folder), "data.image_size": 16}
     cases = [
         (
-            rgb16_classifier,
-            {},
-            "the classifier there was trained on images of 16x16x3, the model sampled here "
-            "generates 8x8x1",
+            classifier_workdir,
+            {**rgb16, "data.channels": 3},
+            "the classifier there was trained on images of 8x8x1, the model sampled here "
+            "generates 16x16x3",
         ),
         (
             classifier_workdir,
