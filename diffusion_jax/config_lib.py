@@ -535,32 +535,27 @@ def make_model(config, num_classes: int | None = None) -> UNet | NoisyClassifier
     doubled for a learned variance; a label embedding of ``num_classes + 1`` rows when
     ``class_conditional``), for "classifier" the noisy-image classifier of ``num_classes``
     classes (the data set's: ``input_pipeline.dataset_spec``)."""
-    if config.model.kind == "classifier":
+    mcfg = config.model
+    # The layers both kinds share: the U-Net's trunk (the classifier is its down half).
+    trunk = dict(
+        ch=mcfg.ch,
+        ch_mult=tuple(mcfg.ch_mult),
+        num_res_blocks=mcfg.num_res_blocks,
+        attn_resolutions=tuple(mcfg.attn_resolutions),
+        dropout=mcfg.dropout,
+        resamp_with_conv=mcfg.resamp_with_conv,
+        num_groups=mcfg.num_groups,
+        dtype=COMPUTE_DTYPES[config.training.compute_dtype],
+    )
+    if mcfg.kind == "classifier":
         if not num_classes or num_classes < 2:
             raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes!r}")
-        return NoisyClassifier(
-            num_classes=num_classes,
-            ch=config.model.ch,
-            ch_mult=tuple(config.model.ch_mult),
-            num_res_blocks=config.model.num_res_blocks,
-            attn_resolutions=tuple(config.model.attn_resolutions),
-            dropout=config.model.dropout,
-            resamp_with_conv=config.model.resamp_with_conv,
-            num_groups=config.model.num_groups,
-            dtype=COMPUTE_DTYPES[config.training.compute_dtype],
-        )
+        return NoisyClassifier(num_classes=num_classes, **trunk)
     channels = config.data.channels
     if config.diffusion.var_type == "learned_range":
         channels *= 2
     return UNet(
-        ch=config.model.ch,
-        ch_mult=tuple(config.model.ch_mult),
-        num_res_blocks=config.model.num_res_blocks,
-        attn_resolutions=tuple(config.model.attn_resolutions),
-        dropout=config.model.dropout,
         out_channels=channels,
-        resamp_with_conv=config.model.resamp_with_conv,
-        num_classes=num_classes if config.model.class_conditional else None,
-        num_groups=config.model.num_groups,
-        dtype=COMPUTE_DTYPES[config.training.compute_dtype],
+        num_classes=num_classes if mcfg.class_conditional else None,
+        **trunk,
     )
