@@ -109,15 +109,20 @@ def make_loop(forward, params, x, timesteps):
     return loop
 
 
-def bench_network(args):
-    """Scan samplers vs the loop of bare forwards; one JSON line per sampler."""
-    model = UNet(
+def network_kwargs(args) -> dict:
+    """The U-Net (and noisy classifier) constructor arguments the command line chooses."""
+    return dict(
         ch=args.ch,
         ch_mult=args.ch_mult,
         num_res_blocks=args.num_res_blocks,
         num_groups=min(32, args.ch),
         dtype=config_lib.COMPUTE_DTYPES[args.dtype],
     )
+
+
+def bench_network(args):
+    """Scan samplers vs the loop of bare forwards; one JSON line per sampler."""
+    model = UNet(**network_kwargs(args))
     shape = (args.batch, args.image_size, args.image_size, 3)
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, shape)
@@ -195,13 +200,7 @@ def bench_guidance(args):
     three; ``ratio`` is each one's best wall time over the unguided one (target for
     classifier-free guidance: <= 2.1).
     """
-    net = dict(
-        ch=args.ch,
-        ch_mult=args.ch_mult,
-        num_res_blocks=args.num_res_blocks,
-        num_groups=min(32, args.ch),
-        dtype=config_lib.COMPUTE_DTYPES[args.dtype],
-    )
+    net = network_kwargs(args)
     model = UNet(num_classes=NUM_CLASSES, **net)
     classifier = NoisyClassifier(num_classes=NUM_CLASSES, **net)
     shape = (args.batch, args.image_size, args.image_size, 3)
