@@ -1,5 +1,5 @@
 """Small helpers shared by the bench scripts: timing, JSON-line output, a matmul yardstick,
-FLOP counts, device peaks and memory.
+FLOP counts, device peaks and memory, and the sweeps' sample-and-score points.
 
     from _common import emit, timed, time_compile, best_of, matmul_gflops, xla_flops
 
@@ -151,3 +151,29 @@ def fail(msg: str) -> None:
     """Print `msg` to stderr and exit with status 1."""
     print(msg, file=sys.stderr)
     sys.exit(1)
+
+
+def read_results(path) -> list[dict]:
+    """The JSON lines of a sweep's results file (none if it does not exist yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_result(path, line: dict) -> None:
+    """Appends one point's JSON line to a sweep's results file."""
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def sample_and_score(workdir, overrides: dict) -> tuple[dict, float]:
+    """``(scores, sample_s)``: the evaluation program's ``sample`` mode on ``workdir`` with
+    ``overrides`` (dotted keys), timed, then its ``fid`` mode's numbers. Call
+    ``diffusion_jax.xla_flags.configure()`` first, as the evaluation program does."""
+    from diffusion_jax import evaluators
+
+    start = time.perf_counter()
+    evaluators.evaluate(workdir, "sample", overrides=overrides)
+    sample_s = time.perf_counter() - start
+    return evaluators.evaluate(workdir, "fid", overrides=overrides), sample_s

@@ -20,22 +20,13 @@ workdirs' ``eval/`` is written: use copies of runs you must not touch.
 """
 
 import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit  # noqa: E402
+from _common import append_result, emit, read_results, sample_and_score  # noqa: E402
 
 from diffusion_jax import xla_flags  # noqa: E402
-
-
-def read_results(path) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def points(args) -> list[tuple[str, str, float]]:
@@ -48,8 +39,6 @@ def points(args) -> list[tuple[str, str, float]]:
 
 def sweep(args):
     xla_flags.configure()  # as the evaluation program does, before JAX starts a backend
-    from diffusion_jax import evaluators
-
     workdirs = {"conditional": args.conditional, "unconditional": args.unconditional}
     done = {(r["run"], r["guidance"], r["scale"]) for r in read_results(args.results)}
     for run, guidance, scale in points(args):
@@ -64,10 +53,7 @@ def sweep(args):
         }
         if guidance == "classifier":
             overrides["sampling.classifier_workdir"] = args.classifier
-        start = time.perf_counter()
-        evaluators.evaluate(workdirs[run], "sample", overrides=overrides)
-        sample_s = time.perf_counter() - start
-        scores = evaluators.evaluate(workdirs[run], "fid", overrides=overrides)
+        scores, sample_s = sample_and_score(workdirs[run], overrides)
         line = emit(
             bench="guidance_quality",
             run=run,
@@ -84,8 +70,7 @@ def sweep(args):
             feature_network=scores["feature_network"],
             sample_s=sample_s,
         )
-        with open(args.results, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_result(args.results, line)
 
 
 def table(results: list[dict]) -> str:

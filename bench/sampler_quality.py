@@ -20,15 +20,13 @@ both against evaluations, one panel per spacing.
 
 import argparse
 import glob
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit  # noqa: E402
+from _common import append_result, emit, read_results, sample_and_score  # noqa: E402
 
 from diffusion_jax import config_lib, sampling, schedules, xla_flags  # noqa: E402
 
@@ -40,17 +38,8 @@ def steps_for(method: str, evaluations: int, num_timesteps: int) -> int | None:
     return steps if steps >= spec.min_steps else None
 
 
-def read_results(path) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def sweep(args):
     xla_flags.configure()  # as the evaluation program does, before JAX starts a backend
-    from diffusion_jax import evaluators
-
     num_timesteps = config_lib.load(args.workdir).diffusion.num_timesteps
     done = {(r["method"], r["spacing"], r["num_steps"]) for r in read_results(args.results)}
     points = [("ancestral", "even", num_timesteps)]  # the reference: the full chain
@@ -75,10 +64,7 @@ def sweep(args):
             "eval.batch_size": args.batch_size,
             "eval.reference_dir": args.reference_dir,
         }
-        start = time.perf_counter()
-        evaluators.evaluate(args.workdir, "sample", overrides=overrides)
-        sample_s = time.perf_counter() - start
-        scores = evaluators.evaluate(args.workdir, "fid", overrides=overrides)
+        scores, sample_s = sample_and_score(args.workdir, overrides)
         line = emit(
             bench="sampler_quality",
             method=method,
@@ -93,8 +79,7 @@ def sweep(args):
             feature_network=scores["feature_network"],
             sample_s=sample_s,
         )
-        with open(args.results, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_result(args.results, line)
 
 
 def _load_samples(directory) -> np.ndarray:
