@@ -1,6 +1,6 @@
 """Noise schedules: beta sequences, the per-timestep arrays derived from them, and respacing.
 
-Conventions (DESIGN.md): the time index ``t`` is zero-based, ``t in [0, T)``; index ``t`` is the
+Conventions: the time index ``t`` is zero-based, ``t in [0, T)``; index ``t`` is the
 paper's step ``t + 1``. Everything is computed in float64 with NumPy and stored as float32 arrays
 in a :class:`Schedule` pytree, which can be passed into ``jax.jit`` / ``lax.scan``.
 """
