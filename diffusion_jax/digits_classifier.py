@@ -11,8 +11,8 @@ parameters.
 
 Images go in as the data pipeline reads them from disk: uint8 ``[N, 8, 8, 1]``, mapped to
 [-1, 1] as ``2v/255 - 1``; quantise samples first, ``uint8(clip(round(127.5 x + 127.5)))``
-as ``mode=sample`` stores them (rounding, not truncation). Compare FD values only between the same recipe (the cache
-file name carries its key) and the same number of samples.
+as ``mode=sample`` stores them (rounding, not truncation). Compare FD values only between the
+same recipe (the cache file name carries its key) and the same number of samples.
 """
 
 from __future__ import annotations

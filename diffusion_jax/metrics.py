@@ -1,10 +1,11 @@
 """Sample-quality metrics on feature vectors: FID, Inception Score, KID, precision/recall.
 
 The functions take features (or logits) already computed by some network (Inception-v3 for the
-published numbers; the digits classifier of ``digits_classifier`` offline) and compute in float64 with NumPy, except the pairwise distances of
-``precision_recall``, which are blocked matrix products in JAX (float32) so that they run on the
-accelerator. ``FeatureStats`` accumulates the first two moments of features over shards and
-processes, so that FID needs no pass holding all features at once.
+published numbers; the digits classifier of ``digits_classifier`` offline) and compute in
+float64 with NumPy, except the pairwise distances of ``precision_recall``, which are blocked
+matrix products in JAX (float32) so that they run on the accelerator. ``FeatureStats``
+accumulates the first two moments of features over shards and processes, so that FID needs no
+pass holding all features at once.
 """
 
 from __future__ import annotations
