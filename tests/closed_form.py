@@ -185,3 +185,39 @@ def expected_bound_bpd(betas, var_type, pmf, mean, std):
     prior = 0.5 * (-1 - np.log(1 - abar[-1]) + (1 - abar[-1]) + abar[-1] * e2)
     ln2 = np.log(2.0)
     return prior / ln2, decoder / ln2, kl[1:] / ln2
+
+
+def gaussian_posterior(alpha, sigma, x_t, mean, std):
+    """``(E[x0 | x_t], Var[x0 | x_t])`` for ``x_t = alpha x0 + sigma eps`` and data
+    ``x0 ~ N(mean, std^2)``: ``mean + alpha std^2 (x_t - alpha mean) / v`` and
+    ``std^2 sigma^2 / v`` with ``v = alpha^2 std^2 + sigma^2``."""
+    v = alpha**2 * std**2 + sigma**2
+    return mean + alpha * std**2 * (x_t - alpha * mean) / v, std**2 * sigma**2 / v
+
+
+def edm_exact_network(sigma_data, mean, std):
+    """The network ``F(c_in x, ln(sigma) / 4)`` whose EDM-preconditioned output
+    ``c_skip x + c_out F`` is the exact denoiser of ``N(mean, std^2)`` data, written out from
+    Karras et al.'s Table 1 coefficients (sigma recovered from the noise input)."""
+
+    def network(x_in, noise_input):
+        sigma = jnp.exp(4.0 * noise_input).reshape((-1,) + (1,) * (x_in.ndim - 1))
+        total = sigma**2 + sigma_data**2
+        x = x_in * jnp.sqrt(total)
+        x0, _ = gaussian_posterior(1.0, sigma, x, mean, std)
+        c_skip, c_out = sigma_data**2 / total, sigma * sigma_data / jnp.sqrt(total)
+        return (x0 - c_skip * x) / c_out
+
+    return network
+
+
+def flow_exact_network(mean, std):
+    """The velocity ``E[eps - x0 | x_t]`` of ``x_t = (1 - t) x0 + t eps`` for ``N(mean, std^2)``
+    data, as a network of ``(x_t, 1000 t)``."""
+
+    def network(x, noise_input):
+        t = (noise_input / 1000.0).reshape((-1,) + (1,) * (x.ndim - 1))
+        x0, _ = gaussian_posterior(1.0 - t, t, x, mean, std)
+        return (x - x0) / t  # eps - x0, with eps = (x - (1 - t) x0) / t
+
+    return network
