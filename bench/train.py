@@ -120,14 +120,14 @@ def build(config, num_classes: int, accumulate=None):
     image_shape = (data.image_size, data.image_size, data.channels)
     mesh = sharding.make_mesh(config.training.fsdp)
     model = config_lib.make_model(config, num_classes)
-    schedule = config_lib.make_schedule(config)
+    objective = config_lib.make_objective(config)
     optimizer, lr_schedule = train_step.make_optimizer(config.optim)
     _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
     state, init_s = timed(
         lambda: train_step.create_train_state(config, model, optimizer, image_shape, shardings)
     )
     step_fn = train_step.make_train_step(
-        config, model, schedule, optimizer, lr_schedule, mesh, shardings, accumulate=accumulate
+        config, model, objective, optimizer, lr_schedule, mesh, shardings, accumulate=accumulate
     )
     batch_size = config.training.batch_size
     rng = np.random.default_rng(0)

@@ -44,6 +44,25 @@ def get_config():
     # with this probability, so one network learns p(x | y) and p(x). Needs class_conditional.
     model.label_dropout = 0.0
 
+    # The training objective (diffusion_jax.objectives): "ddpm" (its options are the
+    # `diffusion` group below, the name every run saved before objectives existed), "edm"
+    # (Karras et al. 2022) or "flow" (flow matching on the straight path). The group of an
+    # objective not chosen must keep its defaults.
+    config.objective = objective = ml_collections.ConfigDict()
+    objective.name = "ddpm"
+    objective.edm = edm = ml_collections.ConfigDict()
+    edm.sigma_data = 0.5  # standard deviation of the data, for the preconditioning
+    edm.p_mean = -1.2  # training noise levels: ln sigma ~ N(p_mean, p_std^2)
+    edm.p_std = 1.2
+    edm.sigma_min = 0.002  # the sampler's grid of noise levels, rho-spaced (EDM eq. 5)
+    edm.sigma_max = 80.0
+    edm.rho = 7.0
+    objective.flow = flow = ml_collections.ConfigDict()
+    flow.time_sampling = "logit_normal"  # training times: "uniform" or SD3's logit-normal
+    flow.logit_mean = 0.0
+    flow.logit_std = 1.0
+    flow.shift = 1.0  # SD3's time shift of training times and the sampler's grid; 1 = none
+
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"
     diffusion.num_timesteps = 1000
@@ -82,13 +101,22 @@ def get_config():
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 64
-    sampling.method = "ancestral"  # any of diffusion_jax.sampling.SAMPLING_METHODS
-    # Grid steps: 0 = all T, else this many timesteps picked by `spacing`; network evaluations
-    # are as many (heun: 2 * num_steps - 1).
+    # ddpm: any of diffusion_jax.sampling.SAMPLING_METHODS; edm and flow: any of
+    # diffusion_jax.ode_sampling.METHODS (euler, heun, edm_stochastic).
+    sampling.method = "ancestral"
+    # Grid steps: ddpm: 0 = all T, else this many timesteps picked by `spacing`; edm and flow:
+    # the steps of the objective's time grid (>= 1). Network evaluations are as many (heun and
+    # edm_stochastic: 2 * num_steps - 1).
     sampling.num_steps = 0
     sampling.spacing = "even"  # even, quad, logsnr or trailing (schedules.spaced_timesteps)
     sampling.eta = 0.0  # ddim only
-    sampling.clip_denoised = True
+    # EDM's stochastic sampler (method edm_stochastic): S_churn, and the range of noise
+    # levels sigma / alpha [s_tmin, s_tmax] where it adds noise, of standard deviation s_noise.
+    sampling.churn = 0.0
+    sampling.s_tmin = 0.0
+    sampling.s_tmax = float("inf")
+    sampling.s_noise = 1.0
+    sampling.clip_denoised = True  # ddpm samplers: clip each x0 prediction to [-1, 1]
     sampling.dynamic_threshold = 0.0  # percentile of |x0| (e.g. 0.995) instead of clipping; 0 off
     # Class labels of a class-conditional model or of classifier guidance: sample i gets
     # labels[i % len(labels)]; () = every class in turn (0, 1, ..., K-1, 0, ...).

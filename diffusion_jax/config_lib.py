@@ -14,8 +14,17 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffusion_jax import config_defaults, diffusion, losses, sampling, schedules
+from diffusion_jax import (
+    config_defaults,
+    diffusion,
+    losses,
+    objectives,
+    ode_sampling,
+    sampling,
+    schedules,
+)
 from diffusion_jax.models import NoisyClassifier, UNet
+from diffusion_jax.objectives.flow import TIME_SAMPLINGS
 
 TIMESTEP_SAMPLINGS = ("uniform", "importance")
 # model.kind: the diffusion model's U-Net, or the noisy-image classifier of classifier guidance.
@@ -112,6 +121,7 @@ def validate(
 ) -> ml_collections.ConfigDict:
     """Checks ``config``; returns it unchanged or raises ``ConfigError`` naming the bad key."""
     _check_schema(config, config_defaults.get_config())
+    _validate_objective(config)
     _choice(config, "model.kind", MODEL_KINDS)
     _choice(config, "diffusion.schedule", schedules.BETA_SCHEDULES)
     _choice(config, "diffusion.mean_type", diffusion.MEAN_TYPES)
@@ -120,7 +130,6 @@ def validate(
     _choice(config, "diffusion.loss_weighting", losses.LOSS_WEIGHTINGS)
     _choice(config, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS)
     _choice(config, "training.compute_dtype", tuple(COMPUTE_DTYPES))
-    _choice(config, "sampling.method", sampling.SAMPLING_METHODS)
     _check_folder(config)
     _choice(config, "sampling.spacing", schedules.SPACINGS)
     for path in (
@@ -235,6 +244,7 @@ def validate(
 # Keys whose other values ask a noisy-image classifier for what only a denoiser has:
 # (key, the value a classifier needs, why).
 _CLASSIFIER_VALUES = (
+    ("objective.name", "ddpm", "it is trained on x_t of the ddpm objective's process"),
     ("model.class_conditional", False, "it predicts the label instead of being given one"),
     ("model.label_dropout", 0.0, "it is not conditioned on labels"),
     ("diffusion.loss_type", "simple", "its loss is the cross-entropy, not a denoising loss"),
@@ -276,8 +286,91 @@ def check_classes(config, num_classes: int) -> None:
         )
 
 
+# The group of options of each objective (ddpm's keeps the name it had before objectives).
+OBJECTIVE_GROUPS = {"ddpm": "diffusion", "edm": "objective.edm", "flow": "objective.flow"}
+
+
+def _validate_objective(config) -> None:
+    """``objective.name`` and its options; the options of every other objective must keep
+    their defaults (an option given to the wrong objective would be silently ignored)."""
+    _choice(config, "objective.name", tuple(objectives.OBJECTIVES))
+    name, defaults = config.objective.name, config_defaults.get_config()
+    for other, group in OBJECTIVE_GROUPS.items():
+        if other == name:
+            continue
+        changed = differences(_get(defaults, group), _get(config, group))
+        if changed:
+            key, (_, value) = next(iter(changed.items()))
+            raise ConfigError(
+                f"Config key '{group}.{key}' ({value!r}) is an option of objective {other!r}, "
+                f"but 'objective.name' is {name!r}: leave it at its default "
+                f"({_get(defaults, group)[key]!r})"
+            )
+    if name == "edm":
+        for path in ("objective.edm.sigma_data", "objective.edm.p_std", "objective.edm.rho"):
+            _positive(config, path)
+        _positive(config, "objective.edm.sigma_min")
+        edm = config.objective.edm
+        if not edm.sigma_min < edm.sigma_max:
+            raise ConfigError(
+                f"Config key 'objective.edm.sigma_max' ({edm.sigma_max}) must exceed "
+                f"'objective.edm.sigma_min' ({edm.sigma_min})"
+            )
+    if name == "flow":
+        _choice(config, "objective.flow.time_sampling", TIME_SAMPLINGS)
+        _positive(config, "objective.flow.logit_std")
+        _positive(config, "objective.flow.shift")
+
+
 def _validate_sampling(config) -> None:
+    if config.objective.name == "ddpm":
+        _validate_ddpm_sampling(config)
+    else:
+        _validate_ode_sampling(config)
+    scfg = config.sampling
+    if scfg.method != "edm_stochastic":
+        for key, default in (("churn", 0.0), ("s_tmin", 0.0), ("s_tmax", float("inf"))):
+            if scfg[key] != default:
+                raise ConfigError(
+                    f"Config key 'sampling.{key}' ({scfg[key]}) applies to sampling.method "
+                    f"'edm_stochastic' only, not {scfg.method!r}; leave it at {default}"
+                )
+        if scfg.s_noise != 1.0:
+            raise ConfigError(
+                f"Config key 'sampling.s_noise' ({scfg.s_noise}) applies to sampling.method "
+                f"'edm_stochastic' only, not {scfg.method!r}; leave it at 1.0"
+            )
+    _at_least(config, "sampling.churn", 0)
+    _at_least(config, "sampling.s_tmin", 0)
+    _positive(config, "sampling.s_noise")
+    _validate_guidance(config)
+
+
+def _validate_ode_sampling(config) -> None:
+    """The samplers of the continuous objectives (``ode_sampling``) and the DDPM sampler keys
+    they do not read."""
+    scfg, name = config.sampling, config.objective.name
+    if scfg.method not in ode_sampling.METHODS:
+        raise ConfigError(
+            f"Config key 'sampling.method' is {scfg.method!r}, which objective {name!r} cannot "
+            f"run; valid: {', '.join(ode_sampling.METHODS)}"
+        )
+    if scfg.num_steps < 1:
+        raise ConfigError(
+            f"Config key 'sampling.num_steps' ({scfg.num_steps}) must be >= 1 for objective "
+            f"{name!r}: the steps of its time grid (0, all DDPM timesteps, is ddpm's)"
+        )
+    for key, default in (("spacing", "even"), ("dynamic_threshold", 0.0), ("eta", 0.0)):
+        if scfg[key] != default:
+            raise ConfigError(
+                f"Config key 'sampling.{key}' ({scfg[key]!r}) applies to the ddpm objective's "
+                f"samplers, not to objective {name!r}; leave it at {default!r}"
+            )
+
+
+def _validate_ddpm_sampling(config) -> None:
     scfg, num_timesteps = config.sampling, config.diffusion.num_timesteps
+    _choice(config, "sampling.method", sampling.SAMPLING_METHODS)
     method = sampling.METHODS[scfg.method]
     if scfg.num_steps > num_timesteps:
         raise ConfigError(
@@ -299,7 +392,6 @@ def _validate_sampling(config) -> None:
             f"Config key 'sampling.dynamic_threshold' must lie in [0, 1] (0: off), got "
             f"{scfg.dynamic_threshold!r}"
         )
-    _validate_guidance(config)
     if config.diffusion.mean_type == "mu" and scfg.num_steps not in (0, num_timesteps):
         raise ConfigError(
             f"Config key 'sampling.num_steps' ({scfg.num_steps}) respaces the chain, but a 'mu' "
@@ -334,6 +426,11 @@ def _validate_guidance(config) -> None:
                 "unconditional model p(x) learned with 'model.label_dropout' > 0; this model was "
                 "trained with 0, so its null label means nothing"
             )
+    if scfg.guidance == "classifier" and config.objective.name != "ddpm":
+        raise ConfigError(
+            "Config key 'sampling.guidance' is 'classifier', whose noisy classifiers are trained "
+            f"on the ddpm objective's process, but 'objective.name' is {config.objective.name!r}"
+        )
     if (scfg.guidance == "classifier") != bool(scfg.classifier_workdir):
         raise ConfigError(
             "Config keys 'sampling.guidance' ('classifier') and 'sampling.classifier_workdir' "
@@ -437,6 +534,9 @@ RESUME_SAFE_KEYS = (
     "training.fsdp",
     "optim",
     "sampling",
+    "objective.edm.sigma_min",  # EDM's sampler grid; training does not read it
+    "objective.edm.sigma_max",
+    "objective.edm.rho",
     "eval",
     "data.prefetch",
     "data.data_dir",
@@ -453,8 +553,9 @@ def check_resume(recorded, config, what: str) -> list[str]:
     ``split``, ``image_size``, ``channels``, ``shuffle``, ``random_flip`` (the data) and
     ``num_workers`` (the saved data position is specific to it); ``training.batch_size`` (data
     order and the examples' noise, keyed by global index); ``training.compute_dtype`` (the
-    network's arithmetic); every ``model.*`` key (the network) and every ``diffusion.*`` key
-    (process, parameterisation, loss). A key added to the config later is refused until it is
+    network's arithmetic); every ``model.*`` key (the network), ``objective.name`` and every
+    ``diffusion.*`` and ``objective.*`` key (process, parameterisation, loss) but EDM's sampler
+    grid. A key added to the config later is refused until it is
     listed as safe.
 
     Allowed: ``grad_accum_steps`` and ``fsdp`` give the same updates up to rounding; ``optim.*``
@@ -500,6 +601,33 @@ def _flat(config) -> dict:
 
     visit(json.loads(config.to_json_best_effort()), "")
     return flat
+
+
+def make_objective(config):
+    """The training objective of ``config`` (``objectives.from_config``)."""
+    return objectives.from_config(config)
+
+
+def num_evaluations(config) -> int:
+    """Network evaluations per sample of the sampler ``config.sampling`` chooses (twice as
+    many network rows under classifier-free guidance, which evaluates both branches at once)."""
+    scfg = config.sampling
+    if config.objective.name != "ddpm":
+        return ode_sampling.num_evaluations(scfg.method, scfg.num_steps)
+    return sampling.num_evaluations(scfg.method, scfg.num_steps or config.diffusion.num_timesteps)
+
+
+def ode_sampler_options(config) -> dict:
+    """The keyword arguments of ``ode_sampling.sample`` that ``config.sampling`` chooses."""
+    scfg = config.sampling
+    return dict(
+        method=scfg.method,
+        num_steps=scfg.num_steps,
+        churn=scfg.churn,
+        s_tmin=scfg.s_tmin,
+        s_tmax=scfg.s_tmax,
+        s_noise=scfg.s_noise,
+    )
 
 
 def make_schedule(config) -> schedules.Schedule:

@@ -77,7 +77,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     mesh = sharding.make_mesh(tcfg.fsdp)
     classifier = pretrained.load_classifier(config, mesh) if tcfg.sample_every else None
     model = config_lib.make_model(config, num_classes)
-    schedule = config_lib.make_schedule(config)
+    objective = config_lib.make_objective(config)
     optimizer, lr_schedule = train_step.make_optimizer(config.optim)
     abstract, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
 
@@ -108,7 +108,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         _record_config(workdir, config, recorded, latest or 0)
 
     step_fn = train_step.make_train_step(
-        config, model, schedule, optimizer, lr_schedule, mesh, shardings
+        config, model, objective, optimizer, lr_schedule, mesh, shardings
     )
     num_preview = config.sampling.num_samples
     generate_fn, preview_labels = None, None

@@ -11,10 +11,12 @@ their values. With ``model.label_dropout`` p > 0, example ``i``'s label is repla
 label (``num_classes``) with probability p, drawn from the same example key (``drop_labels``),
 so which examples lose their label does not depend on devices or accumulation either.
 
-The objective per example depends on ``model.kind`` (``example_terms_fn``), nothing else does:
-both kinds draw t and the noise from the example keys above and train on ``x_t = q_sample(x0,
-t, noise)``; a denoiser's terms are ``losses.training_losses`` of its output, a classifier's the
-cross-entropy of its logits against the example's label (nats) and whether its argmax is right.
+The step is generic over the training objective (``diffusion_jax.objectives``: DDPM, EDM, flow
+matching), which draws each example's noise level t from the example's key, forms ``x_t``,
+preconditions the network's input and turns its output into the per-example terms. The terms
+per example depend on ``model.kind`` (``example_terms_fn``): a denoiser's are the objective's
+losses of its output, a classifier's the cross-entropy of its logits against the example's
+label (nats) and whether its argmax is right.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import diffusion, losses, sharding
+from diffusion_jax import objectives, sharding
 from diffusion_jax.losses import LossHistory
 from diffusion_jax.models.classifier import label_log_prob
 
@@ -93,9 +95,7 @@ def _init_state(config, model, optimizer, image_shape, rng):
     else:
         y = jnp.zeros((1,), jnp.int32) if model.num_classes is not None else None
         params = model.init({"params": init_key}, x, t, y, train=False)["params"]
-    history = None
-    if config.diffusion.timestep_sampling == "importance":
-        history = LossHistory.create(config.diffusion.num_timesteps)
+    history = objectives.from_config(config).init_history()
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -139,16 +139,6 @@ def _per_example_keys(step_key, step, batch_size):
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, indices)
 
 
-def _draw_t(keys, num_timesteps, history):
-    """t ``[B]`` and importance weights ``[B]``, one draw per example key."""
-    if history is None:
-        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps))(keys)
-        return t.astype(jnp.int32), jnp.ones(keys.shape[0], jnp.float32)
-    draw = lambda k: losses.sample_timesteps(k, 1, num_timesteps, history)
-    t, w = jax.vmap(draw)(keys)
-    return t[:, 0], w[:, 0]
-
-
 def drop_labels(keys, labels, rate, null_label):
     """Labels ``[B]`` with each replaced by ``null_label`` with probability ``rate``.
 
@@ -168,13 +158,14 @@ REPORTED_TERMS = {
 }
 
 
-def example_terms_fn(config, model, schedule):
-    """The per-example objective of ``config.model.kind``:
+def example_terms_fn(config, model, objective):
+    """The per-example terms of ``config.model.kind``:
     ``terms(params, batch, x_t, t, noise, dropout_key) -> {name: [B]}``, always with ``"loss"``
     (the term the step minimises, averaged over the batch).
 
     ``batch`` holds the micro-batch's ``image`` (x0), ``label`` and ``keys`` (one per example);
-    ``x_t = q_sample(x0, t, noise)``. Denoiser: ``losses.training_losses`` of the network's
+    ``x_t = objective.noisy(x0, t, noise)``; the network sees
+    ``objective.network_inputs(x_t, t)``. Denoiser: ``objective.losses`` of the network's
     output (labels, some of them dropped, for a class-conditional one). Classifier:
     ``loss``, the cross-entropy ``-log p(label | x_t)`` in nats, and ``accuracy``, 1 where the
     largest logit is the label's, else 0.
@@ -183,7 +174,10 @@ def example_terms_fn(config, model, schedule):
 
         def classifier_terms(params, batch, x_t, t, noise, dropout_key):
             logits = model.apply(
-                {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}
+                {"params": params},
+                *objective.network_inputs(x_t, t),
+                train=True,
+                rngs={"dropout": dropout_key},
             )
             labels = batch["label"]
             return {
@@ -193,17 +187,6 @@ def example_terms_fn(config, model, schedule):
 
         return classifier_terms
 
-    dcfg = config.diffusion
-    loss_kw = dict(
-        mean_type=dcfg.mean_type,
-        var_type=dcfg.var_type,
-        loss_type=dcfg.loss_type,
-        weighting=dcfg.loss_weighting,
-        min_snr_gamma=dcfg.min_snr_gamma,
-        p2_k=dcfg.p2_k,
-        p2_gamma=dcfg.p2_gamma,
-        vlb_weight=dcfg.vlb_weight,
-    )
     conditional = model.num_classes is not None
     label_dropout = config.model.label_dropout
     if label_dropout and not conditional:
@@ -213,16 +196,17 @@ def example_terms_fn(config, model, schedule):
         y = batch["label"] if conditional else None
         if label_dropout:
             y = drop_labels(batch["keys"], y, label_dropout, model.num_classes)
+        x_in, noise_input = objective.network_inputs(x_t, t)
         output = model.apply(
-            {"params": params}, x_t, t, y, train=True, rngs={"dropout": dropout_key}
+            {"params": params}, x_in, noise_input, y, train=True, rngs={"dropout": dropout_key}
         )
-        return losses.training_losses(schedule, output, batch["image"], x_t, t, noise, **loss_kw)
+        return objective.losses(output, batch["image"], x_t, t, noise)
 
     return denoiser_terms
 
 
 def make_train_step(
-    config, model, schedule, optimizer, lr_schedule, mesh, state_sharding, *, accumulate=None
+    config, model, objective, optimizer, lr_schedule, mesh, state_sharding, *, accumulate=None
 ):
     """The jitted ``train_step(state, batch) -> (state, metrics)`` (state donated).
 
@@ -230,16 +214,18 @@ def make_train_step(
     over the batch axes. Metrics are replicated scalars: ``loss`` (the optimised objective),
     ``grad_norm``, ``update_norm`` (global norm of the change applied to the parameters),
     ``learning_rate``; the batch means of the ``REPORTED_TERMS`` of ``model.kind`` (denoiser:
-    ``mse``, ``vlb_bpd`` for vlb/hybrid; classifier: ``accuracy``); and per quarter of t,
-    ``<name>_qK_sum`` / ``<name>_qK_count`` (K = 0..3: the summed per-example term and the
-    number of examples whose t lies in quarter K of [0, T); denoiser: ``loss``, classifier:
+    ``mse``, ``vlb_bpd`` for DDPM's vlb/hybrid; classifier: ``accuracy``); and per quarter of
+    t, ``<name>_qK_sum`` / ``<name>_qK_count`` (K = 0..3: the summed per-example term and the
+    number of examples whose t lies in quarter K of the training distribution of noise levels,
+    ``objective.quarter``: for DDPM quarter K of [0, T); denoiser: ``loss``, classifier:
     ``loss`` and ``accuracy``; see ``average_metrics``).
+
+    ``objective``: the training objective (``objectives.from_config(config)``).
 
     ``accumulate``: how ``training.grad_accum_steps > 1`` micro-batches are run: ``"scan"``
     (``lax.scan``: one copy of the network in the program), ``"loop"`` (unrolled: one copy per
     micro-batch) or ``None``: the loop on CPU meshes, the scan on accelerators.
     """
-    dcfg = config.diffusion
     batch_size = config.training.batch_size
     accum = config.training.grad_accum_steps
     if accumulate is None:
@@ -250,19 +236,18 @@ def make_train_step(
     if accumulate not in ("scan", "loop"):
         raise ValueError(f"accumulate must be 'scan', 'loop' or None, got {accumulate!r}")
     use_scan = accumulate == "scan" and accum > 1
-    num_timesteps = dcfg.num_timesteps
-    terms_fn = example_terms_fn(config, model, schedule)
+    terms_fn = example_terms_fn(config, model, objective)
     reported = REPORTED_TERMS[config.model.kind]
 
     def example_losses(params, micro, dropout_key, history):
         t_keys, noise_keys = jax.vmap(jax.random.split, out_axes=1)(micro["keys"])
-        t, weights = _draw_t(t_keys, num_timesteps, history)
+        t, weights = objective.draw(t_keys, history)
         x0 = micro["image"]
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(noise_keys)
-        x_t = diffusion.q_sample(schedule, x0, t, noise)
+        x_t = objective.noisy(x0, t, noise)
         terms = terms_fn(params, micro, x_t, t, noise, dropout_key)
-        objective = jnp.sum(terms["loss"] * weights) / batch_size
-        return objective, (terms, t)
+        minimised = jnp.sum(terms["loss"] * weights) / batch_size
+        return minimised, (terms, t)
 
     grad_fn = jax.value_and_grad(example_losses, has_aux=True)
 
@@ -309,9 +294,7 @@ def make_train_step(
         ema = jax.tree_util.tree_map(
             lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
         )
-        history = state.loss_history
-        if history is not None:
-            history = history.update(t, terms["vlb_bpd"])
+        history = objective.update_history(state.loss_history, t, terms)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -330,7 +313,7 @@ def make_train_step(
         for name in reported["mean"]:
             if name in terms:
                 metrics[name] = jnp.mean(terms[name])
-        quarter = t * 4 // num_timesteps
+        quarter = objective.quarter(t)
         for q in range(4):
             mask = (quarter == q).astype(jnp.float32)
             for name in reported["by_quarter"]:

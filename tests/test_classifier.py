@@ -290,7 +290,7 @@ class OneStep:
             self._steps[key] = train_step.make_train_step(
                 config,
                 model,
-                config_lib.make_schedule(config),
+                config_lib.make_objective(config),
                 self.optimizer,
                 self.lr_schedule,
                 self.mesh,

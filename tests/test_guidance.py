@@ -300,12 +300,12 @@ def _first_step_fn(label_dropout, batch_size=16):
     config.model.update(class_conditional=True, label_dropout=label_dropout)
     config.diffusion.num_timesteps = 50
     config.training.batch_size = batch_size
-    model, schedule = _LabelEcho(), config_lib.make_schedule(config)
+    model, objective = _LabelEcho(), config_lib.make_objective(config)
     optimizer, lr_schedule = train_step.make_optimizer(config.optim)
     mesh, image_shape = sharding.make_mesh(1), (2, 2, 1)
     _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
     step_fn = train_step.make_train_step(
-        config, model, schedule, optimizer, lr_schedule, mesh, shardings
+        config, model, objective, optimizer, lr_schedule, mesh, shardings
     )
     images = np.random.default_rng(0).uniform(-1, 1, (batch_size, *image_shape))
     state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)

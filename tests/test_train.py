@@ -844,7 +844,7 @@ def test_importance_sampling_draws_t_from_the_history_and_weights_the_loss():
         }
     )
     config_lib.validate(config)
-    model, schedule = config_lib.make_model(config), config_lib.make_schedule(config)
+    model, objective = config_lib.make_model(config), config_lib.make_objective(config)
     optimizer, lr_schedule = train_step.make_optimizer(config.optim)
     mesh, image_shape = sharding.make_mesh(1), (8, 8, 1)
     _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
@@ -857,7 +857,7 @@ def test_importance_sampling_draws_t_from_the_history_and_weights_the_loss():
         )
     )
     step_fn = train_step.make_train_step(
-        config, model, schedule, optimizer, lr_schedule, mesh, shardings
+        config, model, objective, optimizer, lr_schedule, mesh, shardings
     )
     images = np.round(np.random.default_rng(0).uniform(0, 255, (batch, *image_shape))) / 127.5 - 1
     inputs = {"image": images.astype(np.float32), "label": np.zeros(batch, np.int32)}
@@ -901,7 +901,7 @@ def _one_step(config, accumulate=None):
     step = train_step.make_train_step(
         config,
         model,
-        config_lib.make_schedule(config),
+        config_lib.make_objective(config),
         optimizer,
         lr_schedule,
         mesh,
@@ -969,7 +969,7 @@ counts = {}
 for accumulate, accum in (("scan", 2), ("scan", 4), ("loop", 4)):
     config.training.grad_accum_steps = accum
     step = train_step.make_train_step(
-        config, model, config_lib.make_schedule(config), optimizer, lr_schedule, mesh,
+        config, model, config_lib.make_objective(config), optimizer, lr_schedule, mesh,
         shardings, accumulate=accumulate,
     )
     hlo = step.lower(state, batch).compile().as_text()
