@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffusion_jax import config_lib, guidance, sampling, sharding
+from diffusion_jax import config_lib, guidance, ode_sampling, sampling, sharding
 from diffusion_jax.models.classifier import log_prob_fn
 
 
@@ -51,9 +51,14 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
             f"sampling.guidance is {scfg.guidance!r}: pass the classifier of "
             "sampling.classifier_workdir exactly when it is 'classifier'"
         )
-    options = config_lib.sampler_options(config)
-    schedule = config_lib.make_sampling_schedule(config)
-    training_schedule = config_lib.make_schedule(config)
+    objective = config_lib.make_objective(config)
+    if objective.process is None:  # DDPM's chain over its (respaced) discrete schedule
+        schedule = config_lib.make_sampling_schedule(config)
+        options = config_lib.sampler_options(config)
+        run_sampler = lambda fn, keys: sampling.sample(fn, schedule, shape, keys, **options)
+    else:  # the continuous objective's ODE (or EDM's stochastic) sampler
+        options = config_lib.ode_sampler_options(config)
+        run_sampler = lambda fn, keys: ode_sampling.sample(fn, objective, shape, keys, **options)
     num_classes = model.num_classes or (classifier and classifier.model.num_classes)
     cycle = config_lib.sampling_labels(config, num_classes)
     batch = padded_size(num_samples, mesh)
@@ -88,12 +93,11 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
                 log_prob_fn(classifier.model, classifier_params),
                 y,
                 scfg.guidance_scale,
-                training_schedule,
+                objective.schedule,
                 mean_type=config.diffusion.mean_type,
                 var_type=config.diffusion.var_type,
             )
-        x0 = sampling.sample(model_fn, schedule, shape, keys, **options)
-        return jnp.clip(x0, -1.0, 1.0)
+        return jnp.clip(run_sampler(model_fn, keys), -1.0, 1.0)
 
     if classifier is None:
         return jax.jit(

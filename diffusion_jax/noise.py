@@ -38,8 +38,23 @@ def fold_in(rng, data):
 def normal(rng, shape, dtype=jnp.float32):
     """Standard normal noise of ``shape`` ``[B, ...]``: one draw from a key, or row ``i`` from
     key ``i`` of a key batch of length B."""
+    return _per_key(rng, shape, lambda k, s: jax.random.normal(k, s, dtype))
+
+
+def _per_key(rng, shape, draw):
+    """``draw(key, shape)`` of the whole batch from a key, or row ``i`` from key ``i``."""
     if not is_key_batch(rng):
-        return jax.random.normal(rng, shape, dtype)
+        return draw(rng, tuple(shape))
     if rng.shape[0] != shape[0]:
         raise ValueError(f"{rng.shape[0]} per-example keys for a batch of {shape[0]}")
-    return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), dtype))(rng)
+    return jax.vmap(lambda k: draw(k, tuple(shape[1:])))(rng)
+
+
+def uniform(rng, shape):
+    """float32 noise uniform in [0, 1) of ``shape``, keyed like ``normal``."""
+    return _per_key(rng, shape, lambda k, s: jax.random.uniform(k, s, jnp.float32))
+
+
+def rademacher(rng, shape, dtype=jnp.float32):
+    """Signs, +1 or -1 with probability 1/2 each, of ``shape``, keyed like ``normal``."""
+    return _per_key(rng, shape, lambda k, s: jax.random.rademacher(k, s, dtype))

@@ -218,6 +218,8 @@ def flow_exact_network(mean, std):
     def network(x, noise_input):
         t = (noise_input / 1000.0).reshape((-1,) + (1,) * (x.ndim - 1))
         x0, _ = gaussian_posterior(1.0 - t, t, x, mean, std)
-        return (x - x0) / t  # eps - x0, with eps = (x - (1 - t) x0) / t
+        # E[eps | x_t] = t (x_t - (1 - t) mean) / ((1 - t)^2 std^2 + t^2): finite at t = 0.
+        eps = t * (x - (1.0 - t) * mean) / ((1.0 - t) ** 2 * std**2 + t**2)
+        return eps - x0
 
     return network

@@ -55,6 +55,12 @@ class EDM:
             self.process, num_steps, self.sigma_min, self.sigma_max, self.rho
         )
 
+    def likelihood_times(self, num_steps: int):
+        """The likelihood ODE's grid: EDM's noise levels from sigma_min up to sigma_max (the
+        sampler's rho-spaced grid reversed, without its final 0, where the preconditioning is
+        singular; float64 NumPy ``[num_steps + 1]``)."""
+        return self.sampling_times(num_steps + 1)[-2::-1]
+
     def init_history(self):
         return None
 

@@ -47,6 +47,10 @@ class Flow:
         """The sampler's grid: ``num_steps`` equal steps from 1 to 0, shifted (float64 NumPy)."""
         return process_lib.uniform_times(self.process, num_steps, self.shift)
 
+    def likelihood_times(self, num_steps: int):
+        """The likelihood ODE's grid: the sampler's (shifted) times reversed, 0 to 1."""
+        return self.sampling_times(num_steps)[::-1]
+
     def init_history(self):
         return None
 
