@@ -131,6 +131,22 @@ def ddim_moments(betas, mean, std):
     return m, v
 
 
+def probability_flow_x0(alphas_cumprod, x_start, top, bottom, mean, std):
+    """Where a deterministic sampler with the optimal eps-predictor of ``N(mean, std^2)`` per
+    dimension ends without discretisation error (float64): the probability-flow ODE from
+    ``x_start`` at step ``top`` to step ``bottom``, then the exact x0 prediction there.
+
+    Both marginals are Gaussian and the flow is monotone, so it conserves
+    ``z = (x_t - sqrt(abar_t) mean) / sqrt(abar_t std^2 + 1 - abar_t)``; the x0 prediction at
+    ``bottom`` is ``mean + sqrt(abar) std^2 z / sqrt(abar std^2 + 1 - abar)``. ``mean`` and
+    ``std`` broadcast against ``x_start`` (one component per example, say).
+    """
+    abar = np.asarray(alphas_cumprod, np.float64)
+    var = lambda a: a * std**2 + 1 - a
+    z = (np.asarray(x_start, np.float64) - np.sqrt(abar[top]) * mean) / np.sqrt(var(abar[top]))
+    return mean + np.sqrt(abar[bottom]) * std**2 * z / np.sqrt(var(abar[bottom]))
+
+
 GRID_8BIT = np.arange(256) / 127.5 - 1  # the 8-bit values v as 2v/255 - 1
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from diffusion_jax import sampling, schedules
 from diffusion_jax.schedules import Schedule
-from tests.closed_form import gaussian_eps_fn
+from tests.closed_form import gaussian_eps_fn, probability_flow_x0
 
 T = 1000
 BETAS = schedules.get_betas("linear", T)
@@ -23,13 +23,6 @@ ABAR = np.cumprod(1 - BETAS)
 DATA_MEAN, DATA_STD = 0.3, 0.5
 EPS_FN = gaussian_eps_fn(Schedule.from_betas(BETAS).alphas_cumprod, DATA_MEAN, DATA_STD)
 STEPS = (10, 20, 40, 80)
-
-
-def _exact(x_start, top, bottom):
-    """The ODE from step ``top`` to step ``bottom``, then the x0 prediction there (float64)."""
-    var = lambda a: a * DATA_STD**2 + 1 - a
-    z = (np.asarray(x_start, np.float64) - np.sqrt(ABAR[top]) * DATA_MEAN) / np.sqrt(var(ABAR[top]))
-    return DATA_MEAN + np.sqrt(ABAR[bottom]) * DATA_STD**2 * z / np.sqrt(var(ABAR[bottom]))
 
 
 def _errors(method, spacing="quad"):
@@ -46,7 +39,9 @@ def _errors(method, spacing="quad"):
             method=method,
             clip_denoised=False,
         )
-        error = np.asarray(x0, np.float64) - _exact(x_start, kept[-1], kept[0])
+        error = np.asarray(x0, np.float64) - probability_flow_x0(
+            ABAR, x_start, kept[-1], kept[0], DATA_MEAN, DATA_STD
+        )
         errors.append(np.sqrt(np.mean(error**2)))
     return np.array(errors)
 
