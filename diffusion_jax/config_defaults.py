@@ -135,6 +135,7 @@ def get_config():
     ev.batch_size = 256  # global batch of every network call (all devices and processes)
     ev.seed = 0  # noise of samples and of the bound's terms, keyed by example index
     ev.exact_cdf = False  # bpd decoder: exact normal CDF, or the originals' tanh approximation
+    ev.ode_steps = 256  # bpd of edm and flow: Heun steps of the probability-flow ODE
     ev.sample_dir = ""  # where mode=sample writes and mode=fid reads; "" = eval/samples_step<N>
     ev.reference_split = "train"  # FID/KID/precision/recall against this split of data.name
     ev.reference_dir = ""  # cache of reference statistics; "" = ~/.cache/diffusion_jax/reference

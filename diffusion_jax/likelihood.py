@@ -85,11 +85,15 @@ def ode_log_likelihood(model_fn, objective, x0, rng, *, num_steps: int = 128):
     return {"log_likelihood": prior + delta, "prior": prior, "delta": delta}
 
 
-def dequantize(images_uint8, rng):
-    """score_sde's uniform dequantisation ``2 (v + u) / 256 - 1``, ``u ~ U[0, 1)`` per
-    dimension from ``rng`` (a key or one key per example); float32 in [-1, 1)."""
-    u = noise.uniform(rng, images_uint8.shape)
-    return 2.0 * (images_uint8.astype(jnp.float32) + u) / 256.0 - 1.0
+def dequantize(images, rng):
+    """score_sde's uniform dequantisation ``2 (v + u) / 256 - 1`` of 8-bit images, ``u ~ U[0,
+    1)`` per dimension from ``rng`` (a key or one key per example); float32 in [-1, 1).
+
+    ``images``: uint8 values ``v``, or floats on the data pipeline's grid ``2 v / 255 - 1``."""
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        images = jnp.round((images + 1.0) * 127.5)
+    u = noise.uniform(rng, images.shape)
+    return 2.0 * (images.astype(jnp.float32) + u) / 256.0 - 1.0
 
 
 def bits_per_dim(log_likelihood, dims: int):

@@ -1,7 +1,14 @@
-"""``mode=bpd``: the full variational bound in bits/dim over a data split.
+"""``mode=bpd``: bits/dim over a data split, by the likelihood the objective has.
 
-Each example costs T network evaluations (``losses.bits_per_dim``, one scan over all T terms
-of the training process); its noise is keyed by its index in the split, so the numbers do not
+- ddpm: the full variational bound (``losses.bits_per_dim``, one scan over all T terms of the
+  training process: T network evaluations per example), an upper bound on the NLL, with its
+  prior, decoder and per-t terms.
+- edm, flow: the probability-flow ODE's NLL of the dequantised images
+  (``likelihood.ode_log_likelihood``, ``eval.ode_steps`` Heun steps: 2 evaluations and a
+  Jacobian-vector product each), with its prior term; a Hutchinson estimate, unbiased for the
+  log-likelihood of the dequantised data.
+
+Each example's noise (and dequantisation and probe) is keyed by its index in the split, so the numbers do not
 depend on the batch size or on the number of devices and processes. Batches are sharded over
 the mesh; the last one is padded and masked. Sums over examples are kept on the host in
 float64, in example order, and saved after every batch to ``eval/bpd_step<N>.partial.npz``: a
@@ -16,27 +23,39 @@ import json
 import jax
 import numpy as np
 
-from diffusion_jax import config_lib, generate, input_pipeline, losses, sharding
+from diffusion_jax import config_lib, generate, input_pipeline, likelihood, losses, sharding
+from diffusion_jax import noise as noise_lib
 from diffusion_jax.evaluators import common
+
+VARIATIONAL_BOUND = "variational bound"
+ODE = "probability-flow ODE"
+
+
+def likelihood_kind(config) -> str:
+    """Which likelihood ``mode=bpd`` computes for ``config``'s objective."""
+    return VARIATIONAL_BOUND if config.objective.name == "ddpm" else ODE
 
 
 def make_bound_fn(ctx: common.Context):
-    """Jitted ``(params, batch) -> {"total_bpd", "prior_bpd": [B], "terms_bpd", "mse": [B, T]}``
-    with ``batch = {"image", "label", "keys"}`` global arrays sharded over the batch axes."""
+    """Jitted ``(params, batch) -> {"total_bpd", "prior_bpd": [B], ...}`` with ``batch =
+    {"image", "label", "keys"}`` global arrays sharded over the batch axes; for the variational
+    bound also ``"terms_bpd", "mse": [B, T]``."""
     config, model = ctx.config, ctx.model
-    schedule = config_lib.make_schedule(config)
     batch_sharding = sharding.batch_sharding(ctx.mesh)
+    objective = config_lib.make_objective(config)
+
+    def network(params, y):
+        def apply(x, t):
+            x = jax.lax.with_sharding_constraint(x, batch_sharding)
+            return model.apply({"params": params}, x, t, y, train=False)
+
+        return apply
 
     def bound(params, batch):
         y = batch["label"] if model.num_classes is not None else None
-
-        def model_fn(x_t, t):
-            x_t = jax.lax.with_sharding_constraint(x_t, batch_sharding)
-            return model.apply({"params": params}, x_t, t, y, train=False)
-
         return losses.bits_per_dim(
-            model_fn,
-            schedule,
+            network(params, y),
+            objective.schedule,
             batch["image"],
             batch["keys"],
             mean_type=config.diffusion.mean_type,
@@ -45,37 +64,54 @@ def make_bound_fn(ctx: common.Context):
             exact_cdf=config.eval.exact_cdf,
         )
 
-    return jax.jit(bound, in_shardings=(ctx.param_sharding, batch_sharding))
+    def ode_nll(params, batch):
+        y = batch["label"] if model.num_classes is not None else None
+        dequantize_keys, probe_keys = noise_lib.split(batch["keys"])
+        x = likelihood.dequantize(batch["image"], dequantize_keys)
+        out = likelihood.ode_log_likelihood(
+            network(params, y), objective, x, probe_keys, num_steps=config.eval.ode_steps
+        )
+        dims = x[0].size
+        return {
+            "total_bpd": likelihood.bits_per_dim(out["log_likelihood"], dims),
+            "prior_bpd": -out["prior"] / (dims * np.log(2.0)),
+        }
+
+    fn = bound if likelihood_kind(config) == VARIATIONAL_BOUND else ode_nll
+    return jax.jit(fn, in_shardings=(ctx.param_sharding, batch_sharding))
 
 
 def _settings(ctx, num_examples: int) -> dict:
     """What the partial sums depend on; a saved partial file must match them to be resumed."""
     cfg = ctx.config
-    return {
+    settings = {
         "split": cfg.eval.split,
         "num_examples": num_examples,
         "batch_size": cfg.eval.batch_size,
         "seed": cfg.eval.seed,
-        "clip_denoised": cfg.sampling.clip_denoised,
-        "exact_cdf": cfg.eval.exact_cdf,
     }
+    if likelihood_kind(cfg) == VARIATIONAL_BOUND:
+        settings.update(clip_denoised=cfg.sampling.clip_denoised, exact_cdf=cfg.eval.exact_cdf)
+    else:
+        settings.update(likelihood=ODE, ode_steps=cfg.eval.ode_steps)
+    return settings
 
 
-def _zero_sums(num_examples: int, num_timesteps: int) -> dict:
+def _zero_sums(num_examples: int, num_terms: int) -> dict:
     return {
         "batches_done": np.zeros((), np.int64),
         "count": np.zeros((), np.int64),
         "total": np.zeros((), np.float64),
         "prior": np.zeros((), np.float64),
-        "terms": np.zeros((num_timesteps,), np.float64),
-        "mse": np.zeros((num_timesteps,), np.float64),
+        "terms": np.zeros((num_terms,), np.float64),
+        "mse": np.zeros((num_terms,), np.float64),
         "example_bpd": np.full((num_examples,), np.nan, np.float32),
     }
 
 
-def _load_partial(path, settings: dict, num_examples: int, num_timesteps: int) -> dict:
+def _load_partial(path, settings: dict, num_examples: int, num_terms: int) -> dict:
     if not path.exists():
-        return _zero_sums(num_examples, num_timesteps)
+        return _zero_sums(num_examples, num_terms)
     sums = common.read_npz(path)
     saved_settings = json.loads(str(sums.pop("settings")))
     common.check_same_settings(
@@ -97,10 +133,12 @@ def run(ctx: common.Context) -> dict:
     cfg = ctx.config
     split, batch_size = cfg.eval.split, cfg.eval.batch_size
     num_examples = common.num_examples(cfg)
-    num_timesteps = cfg.diffusion.num_timesteps
+    kind = likelihood_kind(cfg)
+    # Per-t terms of the variational bound; the ODE's NLL has none.
+    num_terms = cfg.diffusion.num_timesteps if kind == VARIATIONAL_BOUND else 0
     settings = _settings(ctx, num_examples)
     partial_path = ctx.eval_dir / f"bpd_step{ctx.step}.partial.npz"
-    sums = _load_partial(partial_path, settings, num_examples, num_timesteps)
+    sums = _load_partial(partial_path, settings, num_examples, num_terms)
     start = int(sums["batches_done"])
 
     bound_fn = make_bound_fn(ctx)
@@ -120,8 +158,9 @@ def run(ctx: common.Context) -> dict:
         for i in np.flatnonzero(mask):  # example order: sums do not depend on the batching
             sums["total"] += np.float64(out["total_bpd"][i])
             sums["prior"] += np.float64(out["prior_bpd"][i])
-            sums["terms"] += out["terms_bpd"][i].astype(np.float64)
-            sums["mse"] += out["mse"][i].astype(np.float64)
+            if num_terms:
+                sums["terms"] += out["terms_bpd"][i].astype(np.float64)
+                sums["mse"] += out["mse"][i].astype(np.float64)
         sums["example_bpd"][index[mask]] = out["total_bpd"][mask]
         sums["count"] += int(mask.sum())
         sums["batches_done"] += 1
@@ -134,16 +173,22 @@ def run(ctx: common.Context) -> dict:
     if count != num_examples:
         raise RuntimeError(f"bpd: {count} examples evaluated, expected {num_examples}")
     result = {
+        "likelihood": kind,
         "total_bpd": float(sums["total"] / count),
         "prior_bpd": float(sums["prior"] / count),
-        "decoder_bpd": float(sums["terms"][0] / count),
         "num_examples": count,
         "split": split,
-        "num_timesteps": num_timesteps,
-        "terms_bpd": (sums["terms"] / count).tolist(),
-        "mse": (sums["mse"] / count).tolist(),
         "images_per_s": progress.rate(count) if count > progress.start_done else None,
     }
+    if kind == VARIATIONAL_BOUND:
+        result.update(
+            decoder_bpd=float(sums["terms"][0] / count),
+            num_timesteps=num_terms,
+            terms_bpd=(sums["terms"] / count).tolist(),
+            mse=(sums["mse"] / count).tolist(),
+        )
+    else:
+        result["ode_steps"] = cfg.eval.ode_steps
     if ctx.is_main:
         _save(ctx.eval_dir / f"bpd_step{ctx.step}.npz", sums, settings)
         partial_path.unlink(missing_ok=True)
@@ -151,8 +196,13 @@ def run(ctx: common.Context) -> dict:
 
 
 def summary(result: dict) -> str:
+    where = f"{result['num_examples']} examples of '{result['split']}'"
+    if result["likelihood"] == ODE:
+        return (
+            f"{result['total_bpd']:.4f} bits/dim (probability-flow ODE NLL of the dequantised "
+            f"data, {result['ode_steps']} Heun steps) on {where} (prior {result['prior_bpd']:.5f})"
+        )
     return (
-        f"{result['total_bpd']:.4f} bits/dim on {result['num_examples']} examples of "
-        f"'{result['split']}' (prior {result['prior_bpd']:.5f}, decoder L_0 "
-        f"{result['decoder_bpd']:.4f})"
+        f"{result['total_bpd']:.4f} bits/dim (variational bound) on {where} (prior "
+        f"{result['prior_bpd']:.5f}, decoder L_0 {result['decoder_bpd']:.4f})"
     )
