@@ -3,7 +3,8 @@
 
 Each has ``run(context) -> dict`` (the numbers written to ``DIR/eval/<mode>_step<N>.json``) and
 ``summary(result) -> str`` (its one-line report); a module for another ``model.kind`` than
-"denoiser" says so in ``MODEL_KIND``. ``evaluate`` runs one on a workdir. The program
+"denoiser" says so in ``MODEL_KIND``, one for some objectives only lists them in
+``OBJECTIVES``. ``evaluate`` runs one on a workdir. The program
 ``python -m diffusion_jax.evaluate`` is a thin command line around it.
 """
 
@@ -58,6 +59,12 @@ def evaluate(workdir, mode: str, step: int | None = None, overrides: dict | None
     config, step = pretrained.load_config(workdir, step, overrides)
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     check_model_kind(mode, config, workdir)
+    supported = getattr(evaluator, "OBJECTIVES", None)
+    if supported is not None and config.objective.name not in supported:
+        raise config_lib.ConfigError(
+            f"mode={mode} is defined for objective {' and '.join(supported)} only; {workdir} "
+            f"was trained with objective {config.objective.name!r}"
+        )
     context = common.restore(config, workdir, step)
     logging.info("Evaluating step %d of %s: %s", context.step, workdir, mode)
     result = evaluator.run(context)

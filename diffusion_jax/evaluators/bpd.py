@@ -8,9 +8,9 @@
   Jacobian-vector product each), with its prior term; a Hutchinson estimate, unbiased for the
   log-likelihood of the dequantised data.
 
-Each example's noise (and dequantisation and probe) is keyed by its index in the split, so the numbers do not
-depend on the batch size or on the number of devices and processes. Batches are sharded over
-the mesh; the last one is padded and masked. Sums over examples are kept on the host in
+Each example's noise (its dequantisation and probe) is keyed by its index in the split, so the
+numbers do not depend on the batch size or on the number of devices and processes. Batches are
+sharded over the mesh; the last one is padded and masked. Sums over examples are kept on the host in
 float64, in example order, and saved after every batch to ``eval/bpd_step<N>.partial.npz``: a
 killed run restarts from the last finished batch and ends with bit-identical numbers. The
 finished run leaves ``eval/bpd_step<N>.npz`` with every example's ``total_bpd``.

@@ -29,6 +29,9 @@ from etils import epath
 from diffusion_jax import config_lib, diffusion, generate, input_pipeline, reporting, sampling
 from diffusion_jax.evaluators import bpd, common
 
+# The figures follow DDPM's discrete chain (its timesteps, its variational bound's terms).
+OBJECTIVES = ("ddpm",)
+
 NUM_PROGRESSIVE = 8
 SHARED_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 NUM_SHARED_SAMPLES = 6

@@ -105,6 +105,7 @@ def run(ctx: common.Context) -> dict:
         "samples_per_s": progress.rate(progress.start_done + generated) if todo else None,
         "grid": str(grid_path),
         "sampling": meta["sampling"],
+        "num_evaluations": config_lib.num_evaluations(cfg),  # network evaluations per sample
     }
 
 
@@ -151,6 +152,7 @@ def summary(result: dict) -> str:
     sampling = result["sampling"]
     steps = sampling["num_steps"] or "all"
     return (
-        f"{result['num_samples']} samples ({sampling['method']}, {steps} steps) in "
+        f"{result['num_samples']} samples ({sampling['method']}, {steps} steps, "
+        f"{result['num_evaluations']} network evaluations each) in "
         f"{result['sample_dir']}; grid {result['grid']}"
     )
