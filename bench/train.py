@@ -5,6 +5,7 @@ parameters).
     python bench/train.py --dtype bfloat16 --batch 128 --steps 20      # the GPU target
     python bench/train.py --dtype bfloat16 --batch 256 --max_batch 8192   # largest batch
     python bench/train.py --ch 16 --ch_mult 1 --num_res_blocks 1 --image_size 8 --batch 2
+    python bench/train.py --config configs/cifar10_edm.py    # another objective, same network
 
 Uses the training program's own pieces: ``sharding.make_mesh``,
 ``train_step.create_train_state`` and the jitted, donated ``train_step.make_train_step``, fed
@@ -179,6 +180,7 @@ def bench_train_step(config, num_steps: int, num_classes: int, peak_tflops=None)
         num_devices=num_devices,
         batch=batch_size,
         dtype=dtype,
+        objective=config.objective.name,
         ch=config.model.ch,
         image_size=config.data.image_size,
         params_m=num_params / 1e6,
