@@ -90,15 +90,16 @@ class RectifiedFlow:
 PROCESSES = {"variance_exploding": VarianceExploding, "rectified_flow": RectifiedFlow}
 
 
-def _per_example(a, x):
-    """A time-dependent coefficient (scalar or ``[B]``) shaped to broadcast against ``x``."""
+def per_example(a, x):
+    """A time-dependent coefficient (scalar or ``[B]``) shaped to broadcast against ``x``
+    ``[B, ...]``, in ``x``'s dtype."""
     a = jnp.asarray(a, x.dtype)
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def marginal(process, x0, t, noise):
     """``x_t = alpha(t) x0 + sigma(t) noise``; ``t`` scalar or ``[B]``."""
-    return _per_example(process.alpha(t), x0) * x0 + _per_example(process.sigma(t), x0) * noise
+    return per_example(process.alpha(t), x0) * x0 + per_example(process.sigma(t), x0) * noise
 
 
 def log_snr(process, t):
@@ -108,17 +109,17 @@ def log_snr(process, t):
 
 def eps_from_x0(process, x_t, t, x0):
     """The noise implied by a data prediction: ``(x_t - alpha x0) / sigma`` (needs sigma > 0)."""
-    return (x_t - _per_example(process.alpha(t), x_t) * x0) / _per_example(process.sigma(t), x_t)
+    return (x_t - per_example(process.alpha(t), x_t) * x0) / per_example(process.sigma(t), x_t)
 
 
 def x0_from_eps(process, x_t, t, eps):
     """The data implied by a noise prediction: ``(x_t - sigma eps) / alpha`` (needs alpha > 0)."""
-    return (x_t - _per_example(process.sigma(t), x_t) * eps) / _per_example(process.alpha(t), x_t)
+    return (x_t - per_example(process.sigma(t), x_t) * eps) / per_example(process.alpha(t), x_t)
 
 
 def velocity(process, t, x0, eps):
     """``dx/dt = alpha'(t) x0 + sigma'(t) eps`` from the predictions ``x0`` and ``eps`` at t."""
-    return _per_example(process.d_alpha(t), x0) * x0 + _per_example(process.d_sigma(t), x0) * eps
+    return per_example(process.d_alpha(t), x0) * x0 + per_example(process.d_sigma(t), x0) * eps
 
 
 def karras_times(process, num_steps: int, sigma_min: float, sigma_max: float, rho: float):

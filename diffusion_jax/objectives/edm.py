@@ -25,10 +25,6 @@ from diffusion_jax import process as process_lib
 from diffusion_jax.losses import mean_over_dims
 
 
-def _per_example(a, x):
-    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
-
-
 @dataclasses.dataclass(frozen=True)
 class EDM:
     sigma_data: float = 0.5
@@ -76,7 +72,7 @@ class EDM:
         return process_lib.marginal(self.process, x0, t, noise)
 
     def _coefficients(self, sigma, x):
-        sigma = _per_example(jnp.asarray(sigma, jnp.float32), x)
+        sigma = process_lib.per_example(sigma, x)
         s_d = self.sigma_data
         total = sigma**2 + s_d**2
         c_skip = s_d**2 / total

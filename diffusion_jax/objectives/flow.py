@@ -74,7 +74,7 @@ class Flow:
 
     def denoise(self, output, x_t, t):
         """``x0 = x_t - t v``, ``eps = x_t + (1 - t) v``."""
-        t = t.reshape(t.shape + (1,) * (x_t.ndim - t.ndim))
+        t = process_lib.per_example(t, x_t)
         return x_t - t * output, x_t + (1.0 - t) * output
 
     def losses(self, output, x0, x_t, t, noise):
