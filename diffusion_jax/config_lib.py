@@ -145,6 +145,7 @@ def validate(
         "eval.num_samples",
         "eval.batch_size",
         "eval.precision_recall_samples",
+        "eval.ode_steps",
         "data.image_size",
         "data.channels",
         "model.ch",
