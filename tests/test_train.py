@@ -9,6 +9,7 @@ are shared between all of them through a persistent compilation cache in a tempo
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -145,14 +147,6 @@ def _read_checkpoint(workdir, step):
     return jax.device_get(restored["state"]), data_file.read_text()
 
 
-def _assert_trees_equal(expected, actual):
-    expected_leaves, expected_def = jax.tree_util.tree_flatten_with_path(expected)
-    actual_leaves, actual_def = jax.tree_util.tree_flatten_with_path(actual)
-    assert expected_def == actual_def
-    for (path, a), (_, b) in zip(expected_leaves, actual_leaves, strict=True):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-
-
 def _snapshot(directory) -> dict[str, str]:
     """Every file under ``directory`` with a hash of its contents."""
     root = pathlib.Path(directory)
@@ -254,7 +248,7 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
         expected_state, expected_data = _read_checkpoint(straight, step)
         state, data = _read_checkpoint(resumed, step)
         # params, ema_params, opt_state (Adam moments and count), step, rng.
-        _assert_trees_equal(expected_state, state)
+        chex.assert_trees_all_equal(expected_state, state, strict=True)
         assert int(state["step"]) == step
         # Data order: both runs stopped at the same position in the stream, and it is the
         # position after exactly `step` batches, so the resumed run neither repeated nor
@@ -328,7 +322,7 @@ def test_interrupted_save_is_ignored_and_cleaned_up(reference, tmp_path):
     assert not list((workdir / "checkpoints").glob("*orbax-checkpoint-tmp*"))
     expected_state, expected_data = _read_checkpoint(reference, _STEPS)
     state, data = _read_checkpoint(workdir, _STEPS)
-    _assert_trees_equal(expected_state, state)
+    chex.assert_trees_all_equal(expected_state, state, strict=True)
     assert data == expected_data
 
 
@@ -881,16 +875,14 @@ def test_gradient_accumulation_matches_one_big_batch(reference, tmp_path):
     expected, _ = _read_checkpoint(reference, _STEPS)
     accumulated, _ = _read_checkpoint(tmp_path, _STEPS)
     for key in ("params", "ema_params"):
-        jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-            expected[key],
-            accumulated[key],
-        )
+        chex.assert_trees_all_close(expected[key], accumulated[key], rtol=1e-5, atol=1e-7)
 
 
-def _one_step(config, accumulate=None):
-    """The state after one train step of ``config`` from its initial state, on this process's
-    devices, with ``make_train_step(accumulate=...)``."""
+def _train_states(config, num_steps=1, accumulate=None) -> list[train_step.TrainState]:
+    """Host copies of the train state of ``config`` at steps 0, 1, ..., ``num_steps``: from its
+    initial state, on this process's devices, with ``make_train_step(accumulate=...)`` on the
+    first batches of the data. The step must trace only once (``chex.assert_max_traces``):
+    each later call, with new values of the same types, reuses the first call's program."""
     config = config_lib.validate(config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     mesh = sharding.make_mesh()
@@ -898,23 +890,47 @@ def _one_step(config, accumulate=None):
     optimizer, lr_schedule = train_step.make_optimizer(config.optim)
     _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
     state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
-    step = train_step.make_train_step(
-        config,
-        model,
-        config_lib.make_schedule(config),
-        optimizer,
-        lr_schedule,
-        mesh,
-        shardings,
-        accumulate=accumulate,
-    )
-    batch = next(
-        input_pipeline.create_train_iterator(
-            config.data, global_batch_size=config.training.batch_size, seed=0
+    chex.clear_trace_counter()  # chex tells functions apart by their source and call stack
+    jit = jax.jit
+    with pytest.MonkeyPatch.context() as patch:
+        # make_train_step jits its step itself: the trace counter must wrap it before the jit.
+        patch.setattr(jax, "jit", lambda fn, **kw: jit(chex.assert_max_traces(fn, n=1), **kw))
+        step = train_step.make_train_step(
+            config,
+            model,
+            config_lib.make_schedule(config),
+            optimizer,
+            lr_schedule,
+            mesh,
+            shardings,
+            accumulate=accumulate,
         )
+    batches = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=config.training.batch_size, seed=0
     )
-    state, _ = step(state, sharding.global_batch(mesh, batch))
-    return jax.device_get(state)
+    states = [jax.tree_util.tree_map(np.array, state)]  # copies: the step donates the state
+    for _ in range(num_steps):
+        state, _ = step(state, sharding.global_batch(mesh, next(batches)))
+        states.append(jax.tree_util.tree_map(np.array, state))
+    return states
+
+
+def test_train_step_traces_once_and_moves_the_ema_by_its_decay(cache_dir):
+    """Three steps of one compiled program (``_train_states``; the ``reference`` run's, from the
+    compilation cache); after each, ``ema = decay * ema_before + (1 - decay) * params_after``
+    leaf by leaf. With the digits' decay, 0.995, decay and 1 - decay swapped would move the EMA
+    by 0.99 of each step's change of the parameters (about the learning rate, 1e-5 and 2e-5
+    in steps 2 and 3 of the warmup; step 1's is 0)."""
+    config = _tiny()
+    decay = config.optim.ema_decay
+    states = _train_states(config, num_steps=3)
+    for before, after in itertools.pairwise(states):
+        expected = jax.tree_util.tree_map(
+            lambda e, p: decay * e.astype(np.float64) + (1 - decay) * p.astype(np.float64),
+            before.ema_params,
+            after.params,
+        )
+        chex.assert_trees_all_close(after.ema_params, expected, rtol=1e-6, atol=1e-9)
 
 
 def test_scan_and_loop_accumulation_match_one_big_batch(cache_dir):
@@ -929,16 +945,17 @@ def test_scan_and_loop_accumulation_match_one_big_batch(cache_dir):
         "diffusion.loss_type": "hybrid",
         "diffusion.timestep_sampling": "importance",
     }
-    expected = _one_step(_tiny(**overrides))
+    expected = _train_states(_tiny(**overrides))[-1]
     for accumulate in ("scan", "loop"):
-        state = _one_step(_tiny(**overrides, **{"training.grad_accum_steps": 2}), accumulate)
+        config = _tiny(**overrides, **{"training.grad_accum_steps": 2})
+        state = _train_states(config, accumulate=accumulate)[-1]
         for key in ("params", "ema_params", "loss_history"):
-            jax.tree_util.tree_map(
-                lambda a, b, msg=f"{accumulate} {key}": np.testing.assert_allclose(
-                    a, b, rtol=1e-5, atol=1e-7, err_msg=msg
-                ),
+            chex.assert_trees_all_close(
                 getattr(expected, key),
                 getattr(state, key),
+                rtol=1e-5,
+                atol=1e-7,
+                custom_message=f"{accumulate} {key}",
             )
 
 
