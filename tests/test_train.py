@@ -800,7 +800,8 @@ def test_bfloat16_class_conditional_run_with_a_sample_grid(cache_dir, tmp_path, 
 def test_importance_sampled_timesteps(tmp_path):
     """Hybrid loss with importance-sampled t on the digits. T=4 (cosine; linear needs T >= 21)
     and 16 examples a step fill the 10-loss history of every t within the first steps, so the
-    last step samples t from it."""
+    last step samples t from it. The run saves every step and keeps 2 checkpoints: the older
+    ones are deleted, the last two restore."""
     num_steps = 6
     config = _tiny(
         **{
@@ -810,11 +811,16 @@ def test_importance_sampled_timesteps(tmp_path):
             "diffusion.loss_type": "hybrid",
             "diffusion.timestep_sampling": "importance",
             "training.num_steps": num_steps,
-            "training.checkpoint_every": num_steps - 1,
+            "training.checkpoint_every": 1,
+            "training.keep_checkpoints": 2,
         }
     )
     metrics = train.train_and_evaluate(config, tmp_path)
     _assert_finite(metrics)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        str(num_steps - 1),
+        str(num_steps),
+    ]
     before_last, _ = _read_checkpoint(tmp_path, num_steps - 1)
     np.testing.assert_array_equal(before_last["loss_history"]["counts"], 10)
     last, _ = _read_checkpoint(tmp_path, num_steps)
