@@ -131,9 +131,6 @@ def test_vb_terms_zero_for_true_posterior_and_decoder_at_t0():
 class TestTrainingLossesJittedAndNot(chex.TestCase):
     """Each test runs twice: ``training_losses`` called as it is and under ``jax.jit``."""
 
-    def _training_losses(self):
-        return self.variant(losses.training_losses, static_argnames=("mean_type", "weighting"))
-
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(*diffusion.MEAN_TYPES)
     def test_weightings_are_consistent_across_parameterisations(self, mean_type):
@@ -152,16 +149,22 @@ class TestTrainingLossesJittedAndNot(chex.TestCase):
             "mu": diffusion.q_posterior(SCHED, x0_hat, x_t, t)[0],
         }[mean_type]
         snr = np.asarray(losses.snr(SCHED, t))
-        training_losses = self._training_losses()
-        for weighting, x0_weight in (
-            ("snr", snr),
-            ("min_snr", np.minimum(snr, 5.0)),
-            ("p2", snr / (1.0 + snr)),
-        ):
-            out = training_losses(
-                SCHED, prediction, x0, x_t, t, noise, mean_type=mean_type, weighting=weighting
-            )
-            np.testing.assert_allclose(out["loss"], x0_weight * 0.01, rtol=2e-2)
+        x0_weights = {"snr": snr, "min_snr": np.minimum(snr, 5.0), "p2": snr / (1.0 + snr)}
+
+        @self.variant
+        def weighted_losses(prediction):
+            return {
+                weighting: losses.training_losses(
+                    SCHED, prediction, x0, x_t, t, noise, mean_type=mean_type, weighting=weighting
+                )["loss"]
+                for weighting in x0_weights
+            }
+
+        chex.assert_trees_all_close(
+            weighted_losses(prediction),
+            {weighting: w * 0.01 for weighting, w in x0_weights.items()},
+            rtol=2e-2,
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_simple_loss_is_mse_of_eps(self):
@@ -169,7 +172,7 @@ class TestTrainingLossesJittedAndNot(chex.TestCase):
         noise = jnp.ones_like(x0)
         t = jnp.array([1, 2])
         x_t = diffusion.q_sample(SCHED, x0, t, noise)
-        out = self._training_losses()(SCHED, noise * 0.5, x0, x_t, t, noise)
+        out = self.variant(losses.training_losses)(SCHED, noise * 0.5, x0, x_t, t, noise)
         np.testing.assert_allclose(out["loss"], [0.25, 0.25])
         np.testing.assert_allclose(out["mse"], [0.25, 0.25])
 
