@@ -412,14 +412,19 @@ def test_checkpoint_without_a_recorded_config_is_checked_against_config_json(ref
 
 
 def test_resume_with_more_steps_continues_and_keeps_every_runs_config(reference, tmp_path):
+    """The longer run also keeps 2 checkpoints instead of 3: its save deletes the oldest one,
+    which the first run wrote, and the restart restores the latest."""
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     first = (workdir / "config.json").read_bytes()
-    longer = _reference_config(**{"training.num_steps": _STEPS + 1})
+    longer = _reference_config(**{"training.num_steps": _STEPS + 1, "training.keep_checkpoints": 2})
 
     train.train_and_evaluate(longer, workdir)
 
-    assert _steps(workdir)[-1] == _STEPS + 1
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
+        str(_STEPS),
+        str(_STEPS + 1),
+    ]
     assert (workdir / "config.json").read_bytes() == first
     (history,) = workdir.glob("config_step*.json")
     assert re.fullmatch(rf"config_step{_STEPS}_\d{{8}}T\d{{6}}Z\.json", history.name)
@@ -923,8 +928,7 @@ def test_bfloat16_class_conditional_run_with_a_sample_grid(cache_dir, tmp_path, 
 def test_importance_sampled_timesteps(tmp_path):
     """Hybrid loss with importance-sampled t on the digits. T=4 (cosine; linear needs T >= 21)
     and 16 examples a step fill the 10-loss history of every t within the first steps, so the
-    last step samples t from it. The run saves every step and keeps 2 checkpoints: the older
-    ones are deleted, the last two restore."""
+    last step samples t from it."""
     num_steps = 6
     config = _tiny(
         **{
@@ -934,16 +938,11 @@ def test_importance_sampled_timesteps(tmp_path):
             "diffusion.loss_type": "hybrid",
             "diffusion.timestep_sampling": "importance",
             "training.num_steps": num_steps,
-            "training.checkpoint_every": 1,
-            "training.keep_checkpoints": 2,
+            "training.checkpoint_every": num_steps - 1,
         }
     )
     metrics = train.train_and_evaluate(config, tmp_path)
     _assert_finite(metrics)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        str(num_steps - 1),
-        str(num_steps),
-    ]
     before_last, _ = _read_checkpoint(tmp_path, num_steps - 1)
     np.testing.assert_array_equal(before_last["loss_history"]["counts"], 10)
     last, _ = _read_checkpoint(tmp_path, num_steps)
