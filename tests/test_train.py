@@ -769,6 +769,7 @@ def _named_numbers(losses, checksums) -> dict[str, tuple[float, float]]:
 
 
 def _describe_change(name, stored, now) -> str:
+    """One line of the regression's failure: a number that moved, appeared or disappeared."""
     if stored is None or now is None:
         return f"{name}: {'no longer measured' if now is None else 'not recorded'}"
     return f"{name}: stored {stored!r}, now {now!r} ({(now - stored) / stored:+.1e} relative)"
@@ -1044,11 +1045,12 @@ def _train_states(config, num_steps=1, accumulate=None) -> list[train_step.Train
 
 
 def test_train_step_traces_once_and_moves_the_ema_by_its_decay(cache_dir):
-    """Three steps of one compiled program (``_train_states``; the ``reference`` run's, from the
-    compilation cache); after each, ``ema = decay * ema_before + (1 - decay) * params_after``
-    leaf by leaf. With the digits' decay, 0.995, decay and 1 - decay swapped would move the EMA
-    by 0.99 of each step's change of the parameters (about the learning rate, 1e-5 and 2e-5
-    in steps 2 and 3 of the warmup; step 1's is 0)."""
+    """Three steps of one compiled program (``_train_states``; the ``reference`` run's program,
+    which the compilation cache serves once that run is built); after each, ``ema = decay *
+    ema_before + (1 - decay) * params_after`` leaf by leaf. With the digits' decay, 0.995,
+    decay and 1 - decay swapped would move the EMA by 0.99 of each step's change of the
+    parameters (about the learning rate, 1e-5 and 2e-5 in steps 2 and 3 of the warmup; step
+    1's is 0)."""
     config = _tiny()
     decay = config.optim.ema_decay
     states = _train_states(config, num_steps=3)
