@@ -14,6 +14,7 @@ import pathlib
 import re
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +37,6 @@ from diffusion_jax.models import NoisyClassifier, UNet
 from diffusion_jax.models.classifier import log_prob_fn
 from tests.test_evaluate import run_on_4_devices
 from tests.test_train import (
-    _assert_trees_equal,
     _config,
     _read_checkpoint,
     _steps,
@@ -460,7 +460,7 @@ def test_resume_is_exact_and_a_changed_kind_is_refused(trained, tmp_path):
     for step in (2, 4):
         expected_state, expected_data = _read_checkpoint(reference, step)
         state, data = _read_checkpoint(workdir, step)
-        _assert_trees_equal(expected_state, state)
+        chex.assert_trees_all_equal(expected_state, state, strict=True)
         assert data == expected_data
     before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
     with pytest.raises(config_lib.ConfigError) as error:

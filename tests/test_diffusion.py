@@ -1,7 +1,9 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from diffusion_jax import diffusion
 from diffusion_jax.schedules import Schedule
@@ -15,15 +17,6 @@ def _batch(key=0, shape=(4, 8, 8, 3)):
     noise = jax.random.normal(k2, shape)
     t = jax.random.randint(k3, (shape[0],), 0, 1000)
     return x0, noise, t
-
-
-def test_q_sample_matches_formula():
-    x0, noise, t = _batch()
-    x_t = diffusion.q_sample(SCHED, x0, t, noise)
-    abar = np.asarray(SCHED.alphas_cumprod)[np.asarray(t)][:, None, None, None]
-    np.testing.assert_allclose(
-        x_t, np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise, rtol=1e-5, atol=1e-6
-    )
 
 
 def test_posterior_is_the_conditional_of_the_joint():
@@ -49,14 +42,48 @@ def test_posterior_is_the_conditional_of_the_joint():
     np.testing.assert_allclose(np.exp(log_var), np.broadcast_to(var, log_var.shape), rtol=1e-4)
 
 
-@pytest.mark.parametrize("mean_type", diffusion.MEAN_TYPES)
-def test_parameterisations_round_trip(mean_type):
-    x0, noise, t = _batch(2)
-    t = jnp.maximum(t, 1) if mean_type == "mu" else t
-    x_t = diffusion.q_sample(SCHED, x0, t, noise)
-    target = diffusion.training_target(SCHED, x0, x_t, t, noise, mean_type)
-    recovered = diffusion.predict_x0(SCHED, x_t, t, target, mean_type)
-    np.testing.assert_allclose(recovered, x0, atol=2e-3)
+class TestJittedAndNot(chex.TestCase):
+    """Each test runs twice: the function under test called as it is and under ``jax.jit``."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_q_sample_matches_formula(self):
+        x0, noise, t = _batch()
+        x_t = self.variant(diffusion.q_sample)(SCHED, x0, t, noise)
+        abar = np.asarray(SCHED.alphas_cumprod)[np.asarray(t)][:, None, None, None]
+        np.testing.assert_allclose(
+            x_t, np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise, rtol=1e-5, atol=1e-6
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*diffusion.MEAN_TYPES)
+    def test_parameterisations_round_trip(self, mean_type):
+        x0, noise, t = _batch(2)
+        t = jnp.maximum(t, 1) if mean_type == "mu" else t
+        x_t = diffusion.q_sample(SCHED, x0, t, noise)
+        target = diffusion.training_target(SCHED, x0, x_t, t, noise, mean_type)
+        predict_x0 = self.variant(diffusion.predict_x0, static_argnums=4)
+        np.testing.assert_allclose(predict_x0(SCHED, x_t, t, target, mean_type), x0, atol=2e-3)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_learned_range_interpolates_log_variances(self):
+        """``log var = f log beta_t + (1 - f) log beta~_t``, ``f = (v + 1) / 2``, at interior v,
+        against float64 values from DDPM's linear betas (1e-4 to 0.02 over T = 1000); beta~_0
+        is 0, so t = 0 takes log beta~_1 as the library's clipped log-variance does."""
+        t = np.array([0, 1, 500, 999])
+        v = np.array([-0.5, 0.0, 0.3])
+        betas = np.linspace(1e-4, 0.02, 1000)
+        abar = np.cumprod(1 - betas)
+        posterior = betas[1:] * (1 - abar[:-1]) / (1 - abar[1:])  # beta~_t for t >= 1
+        log_posterior = np.log(np.concatenate([posterior[:1], posterior]))
+        f = (v + 1) / 2
+        expected = f * np.log(betas)[t, None] + (1 - f) * log_posterior[t, None]  # [4, 3]
+
+        variance_of = self.variant(diffusion.model_log_variance, static_argnums=4)
+        x_t = jnp.zeros((4, 3))
+        var_values = jnp.broadcast_to(jnp.asarray(v, jnp.float32), x_t.shape)
+        var, log_var = variance_of(SCHED, x_t, jnp.asarray(t), var_values, "learned_range")
+        np.testing.assert_allclose(log_var, expected, rtol=1e-6)
+        np.testing.assert_allclose(var, np.exp(expected), rtol=1e-5)
 
 
 def test_eps_and_v_identities():
@@ -119,13 +146,8 @@ def test_clip_denoised_and_output_checks():
         diffusion.q_sample(SCHED, x_t, jnp.array(3), x_t)
 
 
-def test_jit_and_vmap():
+def test_vmap_over_independent_batches():
     x0, noise, t = _batch(5)
-    f = jax.jit(diffusion.q_sample)
-    np.testing.assert_allclose(
-        f(SCHED, x0, t, noise), diffusion.q_sample(SCHED, x0, t, noise), rtol=1e-6, atol=1e-7
-    )
-    # vmap over an extra leading axis of independent batches.
     stacked = jax.vmap(lambda a, b: diffusion.q_sample(SCHED, a, t, b))(
         jnp.stack([x0, -x0]), jnp.stack([noise, noise])
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import pathlib
 
+import chex
 import ml_collections
 import numpy as np
 import pytest
@@ -18,7 +19,6 @@ from PIL import Image
 
 from diffusion_jax import config_lib, input_pipeline, train
 from tests.test_train import (  # noqa: F401 (cache_dir: a fixture)
-    _assert_trees_equal,
     _copy_checkpoints,
     _read_checkpoint,
     _steps,
@@ -206,7 +206,7 @@ def test_training_and_exact_resume(folder, tmp_path):
     assert _steps(resumed) == [2, 4]
     expected_state, expected_data = _read_checkpoint(straight, 4)
     state, data = _read_checkpoint(resumed, 4)
-    _assert_trees_equal(expected_state, state)
+    chex.assert_trees_all_equal(expected_state, state, strict=True)
     assert data == expected_data
     assert state["params"]["label_emb"]["embedding"].shape[0] == 3 + 1  # 3 classes + null
 

@@ -1,9 +1,11 @@
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from scipy import stats
 
 from diffusion_jax import diffusion, losses
@@ -126,42 +128,53 @@ def test_vb_terms_zero_for_true_posterior_and_decoder_at_t0():
     assert float(vb[0]) == pytest.approx(expected, rel=2e-3)
 
 
-@pytest.mark.parametrize("mean_type", diffusion.MEAN_TYPES)
-def test_weightings_are_consistent_across_parameterisations(mean_type):
-    # With the same x0-space error, weighted losses agree across parameterisations.
-    key = jax.random.PRNGKey(2)
-    x0 = jax.random.uniform(key, (4, 2, 2, 1), minval=-1, maxval=1)
-    noise = jax.random.normal(jax.random.PRNGKey(3), x0.shape)
-    t = jnp.array([10, 200, 500, 800])
-    x_t = diffusion.q_sample(SCHED, x0, t, noise)
-    x0_hat = x0 + 0.1
-    eps_hat = diffusion.eps_from_x0(SCHED, x_t, t, x0_hat)
-    prediction = {
-        "eps": eps_hat,
-        "x0": x0_hat,
-        "v": diffusion.v_from_x0_eps(SCHED, x0_hat, t, eps_hat),
-        "mu": diffusion.q_posterior(SCHED, x0_hat, x_t, t)[0],
-    }[mean_type]
-    snr = np.asarray(losses.snr(SCHED, t))
-    for weighting, x0_weight in (
-        ("snr", snr),
-        ("min_snr", np.minimum(snr, 5.0)),
-        ("p2", snr / (1.0 + snr)),
-    ):
-        out = losses.training_losses(
-            SCHED, prediction, x0, x_t, t, noise, mean_type=mean_type, weighting=weighting
+class TestTrainingLossesJittedAndNot(chex.TestCase):
+    """Each test runs twice: ``training_losses`` called as it is and under ``jax.jit``."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*diffusion.MEAN_TYPES)
+    def test_weightings_are_consistent_across_parameterisations(self, mean_type):
+        # With the same x0-space error, weighted losses agree across parameterisations.
+        key = jax.random.PRNGKey(2)
+        x0 = jax.random.uniform(key, (4, 2, 2, 1), minval=-1, maxval=1)
+        noise = jax.random.normal(jax.random.PRNGKey(3), x0.shape)
+        t = jnp.array([10, 200, 500, 800])
+        x_t = diffusion.q_sample(SCHED, x0, t, noise)
+        x0_hat = x0 + 0.1
+        eps_hat = diffusion.eps_from_x0(SCHED, x_t, t, x0_hat)
+        prediction = {
+            "eps": eps_hat,
+            "x0": x0_hat,
+            "v": diffusion.v_from_x0_eps(SCHED, x0_hat, t, eps_hat),
+            "mu": diffusion.q_posterior(SCHED, x0_hat, x_t, t)[0],
+        }[mean_type]
+        snr = np.asarray(losses.snr(SCHED, t))
+        x0_weights = {"snr": snr, "min_snr": np.minimum(snr, 5.0), "p2": snr / (1.0 + snr)}
+
+        @self.variant
+        def weighted_losses(prediction):
+            return {
+                weighting: losses.training_losses(
+                    SCHED, prediction, x0, x_t, t, noise, mean_type=mean_type, weighting=weighting
+                )["loss"]
+                for weighting in x0_weights
+            }
+
+        chex.assert_trees_all_close(
+            weighted_losses(prediction),
+            {weighting: w * 0.01 for weighting, w in x0_weights.items()},
+            rtol=2e-2,
         )
-        np.testing.assert_allclose(out["loss"], x0_weight * 0.01, rtol=2e-2)
 
-
-def test_simple_loss_is_mse_of_eps():
-    x0 = jnp.zeros((2, 3, 3, 1))
-    noise = jnp.ones_like(x0)
-    t = jnp.array([1, 2])
-    x_t = diffusion.q_sample(SCHED, x0, t, noise)
-    out = losses.training_losses(SCHED, noise * 0.5, x0, x_t, t, noise)
-    np.testing.assert_allclose(out["loss"], [0.25, 0.25])
-    np.testing.assert_allclose(out["mse"], [0.25, 0.25])
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_simple_loss_is_mse_of_eps(self):
+        x0 = jnp.zeros((2, 3, 3, 1))
+        noise = jnp.ones_like(x0)
+        t = jnp.array([1, 2])
+        x_t = diffusion.q_sample(SCHED, x0, t, noise)
+        out = self.variant(losses.training_losses)(SCHED, noise * 0.5, x0, x_t, t, noise)
+        np.testing.assert_allclose(out["loss"], [0.25, 0.25])
+        np.testing.assert_allclose(out["mse"], [0.25, 0.25])
 
 
 def test_hybrid_loss_gradients():

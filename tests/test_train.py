@@ -9,7 +9,9 @@ are shared between all of them through a persistent compilation cache in a tempo
 
 import hashlib
 import importlib.util
+import itertools
 import json
+import math
 import os
 import pathlib
 import re
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -60,11 +63,17 @@ _STEPS, _HALF = 4, 2
 _SUBPROCESS_TIMEOUT_S = 300
 
 
-def _config(name="digits", **overrides) -> ml_collections.ConfigDict:
-    """``configs/<name>.py`` with ``overrides`` (dotted keys, as on the command line)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+def _load_module(path: pathlib.Path):
+    """The Python file at ``path`` (a config or a bench script), imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _config(name="digits", **overrides) -> ml_collections.ConfigDict:
+    """``configs/<name>.py`` with ``overrides`` (dotted keys, as on the command line)."""
+    module = _load_module(REPO / "configs" / f"{name}.py")
     return config_lib.apply_overrides(module.get_config(), overrides)
 
 
@@ -85,9 +94,16 @@ def _env(cache_dir) -> dict[str, str]:
 
 
 def _start(
-    workdir, log_path, cache_dir, *args, config_file="configs/digits.py"
+    workdir,
+    log_path,
+    cache_dir,
+    *args,
+    config_file="configs/digits.py",
+    overrides=_TINY,
+    env=None,
 ) -> subprocess.Popen:
-    """Starts the training program with the _TINY overrides; output goes to ``log_path``."""
+    """Starts the training program with ``overrides`` (dotted keys) and the variables ``env``
+    added to its environment; output goes to ``log_path``."""
     with open(log_path, "w") as log:
         return subprocess.Popen(
             [
@@ -96,19 +112,19 @@ def _start(
                 "diffusion_jax.train",
                 f"--config={config_file}",
                 f"--workdir={workdir}",
-                *_flags(_TINY),
+                *_flags(overrides),
                 *args,
             ],
             cwd=REPO,
-            env=_env(cache_dir),
+            env={**_env(cache_dir), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
 
 
-def _run(workdir, log_path, cache_dir, *args):
-    """Runs the training program to the end; it must succeed."""
-    process = _start(workdir, log_path, cache_dir, *args)
+def _run(workdir, log_path, cache_dir, *args, **kwargs):
+    """Runs the training program (``_start``'s arguments) to the end; it must succeed."""
+    process = _start(workdir, log_path, cache_dir, *args, **kwargs)
     process.wait(timeout=_SUBPROCESS_TIMEOUT_S)
     assert process.returncode == 0, log_path.read_text()
 
@@ -143,14 +159,6 @@ def _read_checkpoint(workdir, step):
         manager.close()
     data_file = pathlib.Path(workdir) / "checkpoints" / str(step) / "data" / "process_0-of-1.json"
     return jax.device_get(restored["state"]), data_file.read_text()
-
-
-def _assert_trees_equal(expected, actual):
-    expected_leaves, expected_def = jax.tree_util.tree_flatten_with_path(expected)
-    actual_leaves, actual_def = jax.tree_util.tree_flatten_with_path(actual)
-    assert expected_def == actual_def
-    for (path, a), (_, b) in zip(expected_leaves, actual_leaves, strict=True):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def _snapshot(directory) -> dict[str, str]:
@@ -254,7 +262,7 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
         expected_state, expected_data = _read_checkpoint(straight, step)
         state, data = _read_checkpoint(resumed, step)
         # params, ema_params, opt_state (Adam moments and count), step, rng.
-        _assert_trees_equal(expected_state, state)
+        chex.assert_trees_all_equal(expected_state, state, strict=True)
         assert int(state["step"]) == step
         # Data order: both runs stopped at the same position in the stream, and it is the
         # position after exactly `step` batches, so the resumed run neither repeated nor
@@ -328,7 +336,7 @@ def test_interrupted_save_is_ignored_and_cleaned_up(reference, tmp_path):
     assert not list((workdir / "checkpoints").glob("*orbax-checkpoint-tmp*"))
     expected_state, expected_data = _read_checkpoint(reference, _STEPS)
     state, data = _read_checkpoint(workdir, _STEPS)
-    _assert_trees_equal(expected_state, state)
+    chex.assert_trees_all_equal(expected_state, state, strict=True)
     assert data == expected_data
 
 
@@ -404,14 +412,19 @@ def test_checkpoint_without_a_recorded_config_is_checked_against_config_json(ref
 
 
 def test_resume_with_more_steps_continues_and_keeps_every_runs_config(reference, tmp_path):
+    """The longer run also keeps 2 checkpoints instead of 3: its save deletes the oldest one,
+    which the first run wrote, and the restart restores the latest."""
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     first = (workdir / "config.json").read_bytes()
-    longer = _reference_config(**{"training.num_steps": _STEPS + 1})
+    longer = _reference_config(**{"training.num_steps": _STEPS + 1, "training.keep_checkpoints": 2})
 
     train.train_and_evaluate(longer, workdir)
 
-    assert _steps(workdir)[-1] == _STEPS + 1
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
+        str(_STEPS),
+        str(_STEPS + 1),
+    ]
     assert (workdir / "config.json").read_bytes() == first
     (history,) = workdir.glob("config_step*.json")
     assert re.fullmatch(rf"config_step{_STEPS}_\d{{8}}T\d{{6}}Z\.json", history.name)
@@ -682,6 +695,116 @@ def test_unknown_key_in_a_config_file(cache_dir, tmp_path):
     assert not workdir.exists()
 
 
+# The DDPM program's numbers: configs/digits.py as it is, 50 steps of
+# ``python -m diffusion_jax.train`` on CPU, logging every 10 steps. Recorded with JAX and jaxlib
+# 0.10.2 on x86-64; on one machine the run repeats bit for bit. After an intended change of the
+# math, record them again (the failure gives the new value of every number that moved).
+_DIGITS_RUN = {
+    "training.num_steps": 50,
+    "training.log_every": 10,
+    "training.checkpoint_every": 50,
+    "training.sample_every": 0,
+}
+# TensorBoard's train/loss (float32) at step k: the mean loss of steps k - 9 to k.
+_DIGITS_LOSSES = {
+    10: 0.9800182580947876,
+    20: 0.9389421343803406,
+    30: 0.7796949744224548,
+    40: 0.5955026149749756,
+    50: 0.38031840324401855,
+}
+# Parameters at step 50 by top-level module: (count, float64 sum, float64 sum of squares).
+_DIGITS_PARAMS = {
+    "conv_in": (320, -0.8446020601259079, 1.870511968861345),
+    "conv_out": (289, -0.13500335067510605, 0.047290321265012966),
+    "down_0_block_0": (22752, 68.97908143932995, 149.07744256460205),
+    "down_0_downsample": (9248, 5.36462714110894, 31.52033618496627),
+    "down_1_attn_0": (16768, 68.9082817996369, 255.8179391119457),
+    "down_1_block_0": (65984, 68.17210943977322, 267.14564134104734),
+    "mid_attn": (16768, 58.73298590557892, 255.9749005753707),
+    "mid_block_0": (82368, 121.40173723361532, 278.8822794150884),
+    "mid_block_1": (82368, 91.14834746731012, 278.30570469779707),
+    "norm_out": (64, 33.043419271707535, 33.06197048226716),
+    "temb_dense0": (4224, -2.0163618439582933, 50.5869997033352),
+    "temb_dense1": (16512, 6.811296421864199, 128.32982190077126),
+    "up_0_block_0": (44416, 125.02353916447024, 274.36315116393524),
+    "up_0_block_1": (34112, 115.16643696197926, 234.88626582611585),
+    "up_1_attn_0": (16768, 36.221949263632204, 254.28781954959942),
+    "up_1_attn_1": (16768, 54.09614172684444, 256.4831434527011),
+    "up_1_block_0": (127616, 171.15324199471016, 446.4344399272943),
+    "up_1_block_1": (107072, 149.12981939881047, 397.62303123473697),
+    "up_1_upsample": (36928, -1.9325328034128688, 62.45734852554817),
+}
+# Another core count or CPU sums float32 in another order. Measured on this run (1 core against
+# 2, and XLA's fast-compile flags): the losses and the sums of squares moved by < 1e-7 of
+# themselves, the sums by < 2e-7 of sqrt(count * sum of squares), the largest a sum can be:
+# Adam turns round-off into steps of the learning rate where the true gradient is 0 (biases
+# before a GroupNorm of one channel per group), and such parameters can change sign.
+_DIGITS_RTOL = 1e-6
+
+
+def _module_checksums(params) -> dict[str, tuple[int, float, float]]:
+    """``{top-level module: (count, sum, sum of squares)}`` of its parameters, in float64."""
+    checksums = {}
+    for name, module in params.items():
+        leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree_util.tree_leaves(module)]
+        checksums[name] = (
+            sum(leaf.size for leaf in leaves),
+            float(sum(leaf.sum() for leaf in leaves)),
+            float(sum(np.square(leaf).sum() for leaf in leaves)),
+        )
+    return checksums
+
+
+def _named_numbers(losses, checksums) -> dict[str, tuple[float, float]]:
+    """``{name: (value, how far it may move)}`` of a digits run's losses and checksums."""
+    numbers = {
+        f"loss at step {step}": (loss, _DIGITS_RTOL * abs(loss)) for step, loss in losses.items()
+    }
+    for module, (count, total, squares) in checksums.items():
+        numbers[f"{module}: parameter count"] = (count, 0)
+        numbers[f"{module}: sum"] = (total, _DIGITS_RTOL * math.sqrt(count * squares))
+        numbers[f"{module}: sum of squares"] = (squares, _DIGITS_RTOL * squares)
+    return numbers
+
+
+def _describe_change(name, stored, now) -> str:
+    """One line of the regression's failure: a number that moved, appeared or disappeared."""
+    if stored is None or now is None:
+        return f"{name}: {'no longer measured' if now is None else 'not recorded'}"
+    return f"{name}: stored {stored!r}, now {now!r} ({(now - stored) / stored:+.1e} relative)"
+
+
+def test_digits_ddpm_run_reproduces_its_recorded_numbers(cache_dir, tmp_path):
+    """The regression of the DDPM program, against ``_DIGITS_LOSSES`` and ``_DIGITS_PARAMS``:
+    a change of the objective, its weighting, the noise process, the schedule, the network, the
+    optimizer or the data order moves them, a reordering of float32 sums does not. The failure
+    lists every number that moved."""
+    workdir = tmp_path / "run"
+    _run(
+        workdir,
+        tmp_path / "run.log",
+        cache_dir,
+        overrides=_DIGITS_RUN,
+        env={"JAX_PLATFORMS": "cpu"},  # the numbers are the CPU's
+    )
+    compare_runs = _load_module(REPO / "bench" / "compare_runs.py")
+    state, _ = _read_checkpoint(workdir, _DIGITS_RUN["training.num_steps"])
+    now = _named_numbers(
+        compare_runs.read_scalars(workdir, "train/loss"), _module_checksums(state["params"])
+    )
+    stored = _named_numbers(_DIGITS_LOSSES, _DIGITS_PARAMS)
+    changed = [
+        _describe_change(name, stored.get(name, (None,))[0], now.get(name, (None,))[0])
+        for name in sorted(stored.keys() | now.keys())
+        if name not in stored
+        or name not in now
+        or abs(now[name][0] - stored[name][0]) > stored[name][1]
+    ]
+    if changed:
+        pytest.fail("The 50-step digits run changed:\n" + "\n".join(changed), pytrace=False)
+
+
 def _assert_finite(metrics):
     assert metrics and all(np.isfinite(value) for value in metrics.values()), metrics
 
@@ -881,16 +1004,14 @@ def test_gradient_accumulation_matches_one_big_batch(reference, tmp_path):
     expected, _ = _read_checkpoint(reference, _STEPS)
     accumulated, _ = _read_checkpoint(tmp_path, _STEPS)
     for key in ("params", "ema_params"):
-        jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-            expected[key],
-            accumulated[key],
-        )
+        chex.assert_trees_all_close(expected[key], accumulated[key], rtol=1e-5, atol=1e-7)
 
 
-def _one_step(config, accumulate=None):
-    """The state after one train step of ``config`` from its initial state, on this process's
-    devices, with ``make_train_step(accumulate=...)``."""
+def _train_states(config, num_steps=1, accumulate=None) -> list[train_step.TrainState]:
+    """Host copies of the train state of ``config`` at steps 0, 1, ..., ``num_steps``: from its
+    initial state, on this process's devices, with ``make_train_step(accumulate=...)`` on the
+    first batches of the data. The step must trace only once (``chex.assert_max_traces``):
+    each later call, with new values of the same types, reuses the first call's program."""
     config = config_lib.validate(config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     mesh = sharding.make_mesh()
@@ -898,23 +1019,48 @@ def _one_step(config, accumulate=None):
     optimizer, lr_schedule = train_step.make_optimizer(config.optim)
     _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
     state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
-    step = train_step.make_train_step(
-        config,
-        model,
-        config_lib.make_objective(config),
-        optimizer,
-        lr_schedule,
-        mesh,
-        shardings,
-        accumulate=accumulate,
-    )
-    batch = next(
-        input_pipeline.create_train_iterator(
-            config.data, global_batch_size=config.training.batch_size, seed=0
+    chex.clear_trace_counter()  # chex tells functions apart by their source and call stack
+    jit = jax.jit
+    with pytest.MonkeyPatch.context() as patch:
+        # make_train_step jits its step itself: the trace counter must wrap it before the jit.
+        patch.setattr(jax, "jit", lambda fn, **kw: jit(chex.assert_max_traces(fn, n=1), **kw))
+        step = train_step.make_train_step(
+            config,
+            model,
+            config_lib.make_objective(config),
+            optimizer,
+            lr_schedule,
+            mesh,
+            shardings,
+            accumulate=accumulate,
         )
+    batches = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=config.training.batch_size, seed=0
     )
-    state, _ = step(state, sharding.global_batch(mesh, batch))
-    return jax.device_get(state)
+    states = [jax.tree_util.tree_map(np.array, state)]  # copies: the step donates the state
+    for _ in range(num_steps):
+        state, _ = step(state, sharding.global_batch(mesh, next(batches)))
+        states.append(jax.tree_util.tree_map(np.array, state))
+    return states
+
+
+def test_train_step_traces_once_and_moves_the_ema_by_its_decay(cache_dir):
+    """Three steps of one compiled program (``_train_states``; the ``reference`` run's program,
+    which the compilation cache serves once that run is built); after each, ``ema = decay *
+    ema_before + (1 - decay) * params_after`` leaf by leaf. With the digits' decay, 0.995,
+    decay and 1 - decay swapped would move the EMA by 0.99 of each step's change of the
+    parameters (about the learning rate, 1e-5 and 2e-5 in steps 2 and 3 of the warmup; step
+    1's is 0)."""
+    config = _tiny()
+    decay = config.optim.ema_decay
+    states = _train_states(config, num_steps=3)
+    for before, after in itertools.pairwise(states):
+        expected = jax.tree_util.tree_map(
+            lambda e, p: decay * e.astype(np.float64) + (1 - decay) * p.astype(np.float64),
+            before.ema_params,
+            after.params,
+        )
+        chex.assert_trees_all_close(after.ema_params, expected, rtol=1e-6, atol=1e-9)
 
 
 def test_scan_and_loop_accumulation_match_one_big_batch(cache_dir):
@@ -929,16 +1075,17 @@ def test_scan_and_loop_accumulation_match_one_big_batch(cache_dir):
         "diffusion.loss_type": "hybrid",
         "diffusion.timestep_sampling": "importance",
     }
-    expected = _one_step(_tiny(**overrides))
+    expected = _train_states(_tiny(**overrides))[-1]
     for accumulate in ("scan", "loop"):
-        state = _one_step(_tiny(**overrides, **{"training.grad_accum_steps": 2}), accumulate)
+        config = _tiny(**overrides, **{"training.grad_accum_steps": 2})
+        state = _train_states(config, accumulate=accumulate)[-1]
         for key in ("params", "ema_params", "loss_history"):
-            jax.tree_util.tree_map(
-                lambda a, b, msg=f"{accumulate} {key}": np.testing.assert_allclose(
-                    a, b, rtol=1e-5, atol=1e-7, err_msg=msg
-                ),
+            chex.assert_trees_all_close(
                 getattr(expected, key),
                 getattr(state, key),
+                rtol=1e-5,
+                atol=1e-7,
+                custom_message=f"{accumulate} {key}",
             )
 
 
