@@ -1,18 +1,20 @@
-"""Guidance as model-function wrappers: each returns a ``model_fn(x_t, t)`` that samplers and
-``losses.bits_per_dim`` take unchanged (ancestral, respaced, DDIM and any later sampler).
+"""Guidance as network wrappers: each returns a function of the same kind as the one it wraps,
+which samplers and likelihoods take unchanged (DDPM's ancestral, respaced, DDIM and later
+samplers and ``losses.bits_per_dim`` take ``model_fn(x_t, t)``; the continuous objectives'
+``ode_sampling`` and ``likelihood`` take the bare network ``(x_in, noise_input)``).
 
 - ``classifier_free`` (Ho & Salimans 2022): ``out = (1 + w) f(x_t, t, y) - w f(x_t, t, null)``
   for a network trained with label dropout (``model.label_dropout``).
 - ``classifier`` (Dhariwal & Nichol 2021, Algorithm 2 in its eps form):
-  ``eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y | x_t)``.
+  ``eps_hat = eps - s sigma(t) grad_x log p(y | x_t)``, in the objective's own process
+  (DDPM: ``sigma = sqrt(1 - abar_t)``).
 
-The wrapped ``model_fn(x_t, t, y)`` returns its ``mean_type`` prediction (plus the variance
-half for ``learned_range``); the guided function returns the same parameterisation, so the
-caller passes the same ``mean_type`` / ``var_type`` to the sampler as without guidance. Only the
-mean half is guided; the variance half is the conditional one. ``labels`` are int ``[B]``
-(one per sample, fixed for the whole chain), ``scale`` a scalar or ``[B]``. Labels and scales
-are closed over: like parameters (see ``sampling``), pass them through your own ``jax.jit`` to
-change them without recompiling.
+The guided function returns the wrapped one's parameterisation (DDPM's ``mean_type``, plus the
+variance half for ``learned_range``; EDM's F, flow's velocity), so the caller samples it as
+without guidance. Only the mean half is guided; the variance half is the conditional one.
+``labels`` are int ``[B]`` (one per sample, fixed for the whole chain), ``scale`` a scalar or
+``[B]``. Labels and scales are closed over: like parameters (see ``sampling``), pass them through
+your own ``jax.jit`` to change them without recompiling.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion
-from diffusion_jax.diffusion import check_option, extract
+from diffusion_jax import diffusion, objectives
+from diffusion_jax.diffusion import check_option
 from diffusion_jax.schedules import Schedule
 
 
@@ -67,16 +69,18 @@ def classifier_free(model_fn, labels, scale, *, null_label: int, var_type: str =
 
     Args:
       model_fn: ``(x_t [B, ...], t [B], y [B]) -> output``, a network trained with label
-        dropout; ``y == null_label`` asks for the unconditional prediction.
+        dropout (for EDM and flow the bare network, ``(x_in, noise_input, y)``);
+        ``y == null_label`` asks for the unconditional prediction.
       labels: int ``[B]`` in ``[0, null_label)``.
       scale: ``w``, scalar or ``[B]``: 0 is conditional sampling, -1 unconditional.
       null_label: the model's "no label" index (the U-Net's ``num_classes``).
       var_type: the model's; with ``learned_range`` the variance half is the conditional one.
 
     Both branches run as one batched call ``[2B]`` per step (rows ``2i, 2i + 1``: example
-    ``i`` conditional, then unconditional). The combination's coefficients sum to one and eps,
-    x0, v and mu are affine in each other at fixed ``(x_t, t)``, so guiding the model's own
-    parameterisation equals guiding eps and converting back: no ``mean_type``.
+    ``i`` conditional, then unconditional). The combination's coefficients sum to one and every
+    objective's output is affine in eps and x0 at fixed ``(x_t, t)`` (DDPM's eps, x0, v, mu;
+    EDM's F; flow's velocity), so guiding the network's own output equals guiding eps and
+    converting back: no ``mean_type``, no objective.
     """
     if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label < 1:
         raise ValueError(
@@ -112,48 +116,63 @@ def classifier(
     log_prob_fn,
     labels,
     scale,
-    schedule: Schedule,
+    objective,
     *,
-    mean_type: str = "eps",
-    var_type: str = "fixed_large",
+    mean_type: str | None = None,
+    var_type: str | None = None,
     num_classes: int | None = None,
 ):
-    """Classifier guidance: ``eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y | x_t)``.
+    """Classifier guidance: ``eps_hat = eps - s sigma(t) grad_x log p(y | x_t)``.
 
     Args:
-      model_fn: ``(x_t [B, ...], t [B]) -> output`` (conditional or not: the classifier adds
-        the label).
-      log_prob_fn: ``(x_t [B, ...], t [B], y [B]) -> log p(y | x_t)`` ``[B]``, a noisy-image
-        classifier; example i's value may depend on ``x_t[i]`` only (its gradient is taken
-        through the sum over the batch).
+      model_fn: the network as the objective's sampler takes it, ``(x_in [B, ...],
+        noise_input [B]) -> output`` (DDPM: ``(x_t, t)``), conditional or not (the classifier
+        adds the label).
+      log_prob_fn: ``(x_in, noise_input, y [B]) -> log p(y | x_t)`` ``[B]``, a noisy-image
+        classifier fed the objective's network inputs ``objective.network_inputs(x_t, t)`` as
+        in its training (DDPM: ``(x_t, t)``); example i's value may depend on ``x_t[i]`` only
+        (its gradient is taken through the sum over the batch).
       labels: int ``[B]`` (checked against ``num_classes`` when given).
       scale: ``s``, scalar or ``[B]``; 0 leaves the model unchanged.
-      schedule: the *training* process (all T steps): ``t`` is the timestep the model
-        receives, the original one even when the sampler runs a respaced chain.
-      mean_type, var_type: the model's. Its mean prediction is converted to eps, guided and
-        converted back (``x0``, ``v``, ``mu``); with ``learned_range`` the variance half passes
-        through.
+      objective: the model's objective (``objectives.DDPM``, ``EDM``, ``Flow``), or DDPM's
+        *training* ``Schedule`` (all T steps: ``t`` is the timestep the model receives, the
+        original one even when the sampler runs a respaced chain) with the model's
+        ``mean_type`` and ``var_type`` (default eps, fixed_large), which is
+        ``objectives.DDPM(schedule, mean_type=..., var_type=...)``.
+
+    The gradient is taken with respect to ``x_t`` (``objective.from_network_inputs``); the
+    network output becomes the one whose eps is shifted (``objective.shift_eps``: DDPM's eps
+    directly, its x0, v and mu through eps with a ``learned_range`` variance half passed
+    through; EDM's F; flow's velocity, unguided at t = 1 where eps is ``x_t`` whatever the
+    output).
     """
-    check_option("mean_type", mean_type, diffusion.MEAN_TYPES)
-    check_option("var_type", var_type, diffusion.VAR_TYPES)
+    objective = _objective(objective, mean_type, var_type)
     labels = check_labels(labels, num_classes)
     scale = _check_scale(scale, labels)
-    grad_log_prob = jax.grad(lambda x, t: jnp.sum(log_prob_fn(x, t, labels)))
+    grad_log_prob = jax.grad(
+        lambda x_t, t: jnp.sum(log_prob_fn(*objective.network_inputs(x_t, t), labels))
+    )
 
-    def guided_fn(x_t, t):
-        _check_batch(labels, x_t)
-        prediction, var_values = diffusion.split_model_output(model_fn(x_t, t), var_type)
-        eps = prediction
-        if mean_type != "eps":
-            x0 = diffusion.predict_x0(schedule, x_t, t, prediction, mean_type)
-            eps = diffusion.eps_from_x0(schedule, x_t, t, x0)
-        sigma = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
-        eps = eps - _per_example(scale, x_t) * sigma * grad_log_prob(x_t, t)
-        if mean_type == "eps":
-            guided = eps
-        else:
-            x0 = diffusion.x0_from_eps(schedule, x_t, t, eps)
-            guided = diffusion.training_target(schedule, x0, x_t, t, eps, mean_type)
-        return guided if var_values is None else jnp.concatenate([guided, var_values], axis=-1)
+    def guided_fn(x_in, noise_input):
+        _check_batch(labels, x_in)
+        x_t, t = objective.from_network_inputs(x_in, noise_input)
+        sigma = _per_example(objective.sigma(t), x_t)
+        delta = -(_per_example(scale, x_t) * sigma * grad_log_prob(x_t, t))
+        return objective.shift_eps(model_fn(x_in, noise_input), x_t, t, delta)
 
     return guided_fn
+
+
+def _objective(objective, mean_type, var_type):
+    """``objective``, or the DDPM objective of a ``Schedule`` with ``mean_type``, ``var_type``."""
+    if isinstance(objective, Schedule):
+        mean_type, var_type = mean_type or "eps", var_type or "fixed_large"
+        check_option("mean_type", mean_type, diffusion.MEAN_TYPES)
+        check_option("var_type", var_type, diffusion.VAR_TYPES)
+        return objectives.DDPM(objective, mean_type=mean_type, var_type=var_type)
+    if mean_type is not None or var_type is not None:
+        raise ValueError(
+            f"mean_type and var_type come with a DDPM Schedule; objective {objective.name!r} "
+            "has its own"
+        )
+    return objective

@@ -10,8 +10,14 @@ through these methods (``x`` arrays ``[B, ...]``, noise levels ``t`` ``[B]``):
 - ``noisy(x0, t, noise) -> x_t``: the forward process;
 - ``network_inputs(x_t, t) -> (x_in, noise_input)``: the preconditioning of the network's
   input, and the noise-level value its time embedding receives;
+- ``from_network_inputs(x_in, noise_input) -> (x_t, t)``: the inverse of ``network_inputs``,
+  for what wraps the bare network (classifier guidance);
 - ``denoise(output, x_t, t) -> (x0, eps)``: the denoiser view of a network output, what
   samplers, guidance and likelihoods use;
+- ``sigma(t) -> [B]``: the noise's coefficient ``sigma(t)`` in ``x_t = alpha x0 + sigma eps``;
+- ``shift_eps(output, x_t, t, delta) -> output``: the network output whose noise prediction at
+  ``(x_t, t)`` is ``output``'s plus ``delta`` ``[B, ...]`` (classifier guidance's
+  ``-s sigma grad log p(y | x_t)``);
 - ``losses(output, x0, x_t, t, noise) -> {name: [B]}``: the per-example terms, ``"loss"`` the
   one minimised;
 - ``quarter(t) -> int [B]``: which quarter (0 = least noise) of the training distribution of

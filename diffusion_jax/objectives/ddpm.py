@@ -81,10 +81,30 @@ class DDPM:
     def network_inputs(self, x_t, t):
         return x_t, t
 
+    def from_network_inputs(self, x_in, noise_input):
+        return x_in, noise_input
+
+    def sigma(self, t):
+        """``sqrt(1 - abar_t)`` ``[B]``, the noise's coefficient in ``x_t``."""
+        return self.schedule.sqrt_one_minus_alphas_cumprod[t]
+
     def denoise(self, output, x_t, t):
         prediction, _ = diffusion.split_model_output(output, self.var_type)
         x0 = diffusion.predict_x0(self.schedule, x_t, t, prediction, self.mean_type)
         return x0, diffusion.eps_from_x0(self.schedule, x_t, t, x0)
+
+    def shift_eps(self, output, x_t, t, delta):
+        """The output whose noise prediction is this one's plus ``delta``: eps directly, x0, v
+        and mu through eps; a learned variance half unchanged."""
+        prediction, var_values = diffusion.split_model_output(output, self.var_type)
+        if self.mean_type == "eps":
+            shifted = prediction + delta
+        else:
+            _, eps = self.denoise(output, x_t, t)
+            eps = eps + delta
+            x0 = diffusion.x0_from_eps(self.schedule, x_t, t, eps)
+            shifted = diffusion.training_target(self.schedule, x0, x_t, t, eps, self.mean_type)
+        return shifted if var_values is None else jnp.concatenate([shifted, var_values], axis=-1)
 
     def losses(self, output, x0, x_t, t, noise):
         return losses.training_losses(

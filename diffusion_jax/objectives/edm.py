@@ -84,10 +84,24 @@ class EDM:
         _, _, c_in = self._coefficients(t, x_t)
         return c_in * x_t, jnp.log(t) / 4.0
 
+    def from_network_inputs(self, x_in, noise_input):
+        sigma = jnp.exp(4.0 * noise_input)
+        _, _, c_in = self._coefficients(sigma, x_in)
+        return x_in / c_in, sigma
+
+    def sigma(self, t):
+        return self.process.sigma(t)
+
     def denoise(self, output, x_t, t):
         c_skip, c_out, _ = self._coefficients(t, x_t)
         x0 = c_skip * x_t + c_out * output
         return x0, process_lib.eps_from_x0(self.process, x_t, t, x0)
+
+    def shift_eps(self, output, x_t, t, delta):
+        """``D = x_t - sigma eps`` moves by ``-sigma delta``, so ``F`` by ``-sigma delta / c_out
+        = -delta / (c_in s_d)`` (finite at sigma = 0)."""
+        _, _, c_in = self._coefficients(t, x_t)
+        return output - delta / (c_in * self.sigma_data)
 
     def losses(self, output, x0, x_t, t, noise):
         """``loss = lambda(sigma) mean((D - x0)^2)``; ``mse = mean((D - x0)^2)`` (x0 space)."""

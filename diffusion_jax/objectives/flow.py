@@ -72,10 +72,25 @@ class Flow:
     def network_inputs(self, x_t, t):
         return x_t, 1000.0 * t
 
+    def from_network_inputs(self, x_in, noise_input):
+        return x_in, noise_input / 1000.0
+
+    def sigma(self, t):
+        return self.process.sigma(t)
+
     def denoise(self, output, x_t, t):
         """``x0 = x_t - t v``, ``eps = x_t + (1 - t) v``."""
         t = process_lib.per_example(t, x_t)
         return x_t - t * output, x_t + (1.0 - t) * output
+
+    def shift_eps(self, output, x_t, t, delta):
+        """``v = eps - x0`` with ``x0 = (x_t - t eps) / (1 - t)``: v moves by ``delta / (1 - t)``.
+        At t = 1 the noise prediction is ``x_t`` whatever v (pure noise, and a classifier of it
+        has no gradient): the output is unchanged there."""
+        alpha = 1.0 - process_lib.per_example(t, x_t)
+        # The untaken branch of a where must stay finite too, or gradients through it are NaN.
+        safe_alpha = jnp.where(alpha > 0, alpha, 1.0)
+        return output + jnp.where(alpha > 0, delta / safe_alpha, 0.0)
 
     def losses(self, output, x0, x_t, t, noise):
         """``loss = mse = mean((v_hat - (eps - x0))^2)``."""
