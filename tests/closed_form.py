@@ -23,67 +23,88 @@ def gaussian_eps_fn(alphas_cumprod, mean, std):
     return eps_fn
 
 
-def _mixture_terms(alphas_cumprod, weights, means, stds):
-    """``(x_t [B, D], t [B]) -> (log_joint [B, K], eps_k [B, K, D])``: ``log pi_k + log
-    N(x_t; sqrt(abar) m_k, abar s_k^2 + 1 - abar)`` and component k's optimal eps."""
-    abar_all = jnp.asarray(alphas_cumprod, jnp.float32)
+def _mixture_terms(weights, means, stds):
+    """``(x_t [B, D], alpha, sigma) -> (log_joint [B, K], x0_k [B, K, D], eps_k [B, K, D])`` for
+    ``x_t = alpha x0 + sigma eps`` (``alpha``, ``sigma`` scalars or ``[B, 1]``): ``log pi_k +
+    log N(x_t; alpha m_k, alpha^2 s_k^2 + sigma^2)`` and component k's exact x0 and eps."""
     log_w = jnp.log(jnp.asarray(weights, jnp.float32))
     means = jnp.asarray(means, jnp.float32)
     stds = jnp.asarray(stds, jnp.float32)
 
-    def terms(x_t, t):
-        abar = abar_all[t][:, None, None]  # [B, 1, 1] against [B, K, D]
-        var_t = abar * stds**2 + 1.0 - abar
-        centered = x_t[:, None, :] - jnp.sqrt(abar) * means
+    def terms(x_t, alpha, sigma):
+        # [B, 1, 1] against [B, K, D]
+        alpha, sigma = jnp.expand_dims(alpha, -1), jnp.expand_dims(sigma, -1)
+        var_t = alpha**2 * stds**2 + sigma**2
+        centered = x_t[:, None, :] - alpha * means
         log_lik = -0.5 * jnp.sum(centered**2 / var_t + jnp.log(2 * jnp.pi * var_t), axis=-1)
-        return log_w + log_lik, jnp.sqrt(1.0 - abar) * centered / var_t
+        x0_k = means + alpha * stds**2 * centered / var_t
+        return log_w + log_lik, x0_k, sigma * centered / var_t
 
     return terms
 
 
-def mixture_eps_fn(alphas_cumprod, weights, means, stds):
-    """Optimal eps-predictor for a mixture of diagonal Gaussians.
-
-    weights ``[K]``; means, stds ``[K, D]``; x_t ``[B, D]``.
-    """
-    terms = _mixture_terms(alphas_cumprod, weights, means, stds)
-
-    def eps_fn(x_t, t):
-        log_joint, eps_k = terms(x_t, t)
-        return jnp.einsum("bk,bkd->bd", jax.nn.softmax(log_joint, axis=-1), eps_k)
-
-    return eps_fn
-
-
-def class_conditional_eps_fn(alphas_cumprod, weights, means, stds):
-    """``(x_t, t, y) -> eps``: for a mixture with one component per class, the optimal
-    predictor of class ``y`` (component y's Gaussian one) and, for ``y == K`` (the null
-    label), the unconditional mixture's: one network that is both p(x | y) and p(x)."""
-    terms = _mixture_terms(alphas_cumprod, weights, means, stds)
+def mixture_denoiser(weights, means, stds):
+    """``(x_t [B, D], alpha, sigma, y [B]) -> (x0, eps)``: for a mixture with one component
+    per class (weights ``[K]``; means, stds ``[K, D]``), the exact predictions of class ``y``
+    (component y's Gaussian ones) and, for ``y == K`` (the null label), the unconditional
+    mixture's: one network that is both p(x | y) and p(x)."""
+    terms = _mixture_terms(weights, means, stds)
     num_classes = len(weights)
 
-    def eps_fn(x_t, t, y):
-        log_joint, eps_k = terms(x_t, t)
+    def denoise(x_t, alpha, sigma, y):
+        log_joint, x0_k, eps_k = terms(x_t, alpha, sigma)
         resp = jnp.where(
             (y == num_classes)[:, None],
             jax.nn.softmax(log_joint, axis=-1),
             jax.nn.one_hot(y, num_classes),
         )
-        return jnp.einsum("bk,bkd->bd", resp, eps_k)
+        return jnp.einsum("bk,bkd->bd", resp, x0_k), jnp.einsum("bk,bkd->bd", resp, eps_k)
 
-    return eps_fn
+    return denoise
 
 
-def class_log_posterior_fn(alphas_cumprod, weights, means, stds):
-    """``(x_t, t, y) -> log p(y | x_t)`` ``[B]``: the exact noisy-data classifier of the
-    mixture, ``log_softmax_k(log pi_k + log N(x_t; sqrt(abar) m_k, abar s_k^2 + 1 - abar))``."""
-    terms = _mixture_terms(alphas_cumprod, weights, means, stds)
+def mixture_log_posterior(weights, means, stds):
+    """``(x_t, alpha, sigma, y) -> log p(y | x_t)`` ``[B]``: the exact noisy-data classifier of
+    the mixture, ``log_softmax_k(log pi_k + log N(x_t; alpha m_k, alpha^2 s_k^2 + sigma^2))``."""
+    terms = _mixture_terms(weights, means, stds)
 
-    def log_prob_fn(x_t, t, y):
-        log_post = jax.nn.log_softmax(terms(x_t, t)[0], axis=-1)
+    def log_prob_fn(x_t, alpha, sigma, y):
+        log_post = jax.nn.log_softmax(terms(x_t, alpha, sigma)[0], axis=-1)
         return jnp.take_along_axis(log_post, y[:, None], axis=-1)[:, 0]
 
     return log_prob_fn
+
+
+def _at_timesteps(alphas_cumprod, fn):
+    """``fn(x_t, alpha, sigma, *rest)`` as a function of DDPM timesteps ``(x_t, t [B], *rest)``:
+    ``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)``."""
+    abar_all = jnp.asarray(alphas_cumprod, jnp.float32)
+
+    def at_t(x_t, t, *rest):
+        abar = abar_all[t][:, None]
+        return fn(x_t, jnp.sqrt(abar), jnp.sqrt(1.0 - abar), *rest)
+
+    return at_t
+
+
+def mixture_eps_fn(alphas_cumprod, weights, means, stds):
+    """Optimal eps-predictor ``(x_t, t) -> eps`` for a mixture of diagonal Gaussians.
+
+    weights ``[K]``; means, stds ``[K, D]``; x_t ``[B, D]``.
+    """
+    eps_fn = class_conditional_eps_fn(alphas_cumprod, weights, means, stds)
+    return lambda x_t, t: eps_fn(x_t, t, jnp.full(x_t.shape[:1], len(weights), jnp.int32))
+
+
+def class_conditional_eps_fn(alphas_cumprod, weights, means, stds):
+    """``(x_t, t, y) -> eps``: ``mixture_denoiser``'s eps at DDPM timesteps."""
+    at_t = _at_timesteps(alphas_cumprod, mixture_denoiser(weights, means, stds))
+    return lambda x_t, t, y: at_t(x_t, t, y)[1]
+
+
+def class_log_posterior_fn(alphas_cumprod, weights, means, stds):
+    """``(x_t, t, y) -> log p(y | x_t)`` ``[B]``: ``mixture_log_posterior`` at DDPM timesteps."""
+    return _at_timesteps(alphas_cumprod, mixture_log_posterior(weights, means, stds))
 
 
 def ancestral_moments(betas, mean, std, *, var_type, num_steps=None):
@@ -211,31 +232,63 @@ def gaussian_posterior(alpha, sigma, x_t, mean, std):
     return mean + alpha * std**2 * (x_t - alpha * mean) / v, std**2 * sigma**2 / v
 
 
-def edm_exact_network(sigma_data, mean, std):
-    """The network ``F(c_in x, ln(sigma) / 4)`` whose EDM-preconditioned output
-    ``c_skip x + c_out F`` is the exact denoiser of ``N(mean, std^2)`` data, written out from
-    Karras et al.'s Table 1 coefficients (sigma recovered from the noise input)."""
+def gaussian_denoiser(mean, std):
+    """``(x_t, alpha, sigma) -> (x0, eps)``: the exact predictions for ``N(mean, std^2)`` data,
+    ``E[eps | x_t] = sigma (x_t - alpha mean) / (alpha^2 std^2 + sigma^2)`` (finite at
+    sigma = 0)."""
 
-    def network(x_in, noise_input):
-        sigma = jnp.exp(4.0 * noise_input).reshape((-1,) + (1,) * (x_in.ndim - 1))
+    def denoise(x_t, alpha, sigma):
+        x0, _ = gaussian_posterior(alpha, sigma, x_t, mean, std)
+        return x0, sigma * (x_t - alpha * mean) / (alpha**2 * std**2 + sigma**2)
+
+    return denoise
+
+
+def edm_inputs_undone(sigma_data, x_in, noise_input):
+    """``(x_t, alpha, sigma)`` of EDM's network inputs ``(c_in x_t, ln(sigma) / 4)`` (Karras et
+    al., Table 1): ``alpha = 1``, ``sigma`` ``[B, 1, ...]``."""
+    sigma = jnp.exp(4.0 * noise_input).reshape((-1,) + (1,) * (x_in.ndim - 1))
+    return x_in * jnp.sqrt(sigma**2 + sigma_data**2), 1.0, sigma
+
+
+def flow_inputs_undone(x_in, noise_input):
+    """``(x_t, alpha, sigma)`` of flow matching's network inputs ``(x_t, 1000 t)``:
+    ``alpha = 1 - t``, ``sigma = t`` ``[B, 1, ...]``."""
+    t = (noise_input / 1000.0).reshape((-1,) + (1,) * (x_in.ndim - 1))
+    return x_in, 1.0 - t, t
+
+
+def edm_network(sigma_data, denoiser):
+    """The network ``F(c_in x, ln(sigma) / 4, *y)`` whose EDM-preconditioned output
+    ``c_skip x + c_out F`` is the x0 of ``denoiser(x_t, alpha, sigma, *y) -> (x0, eps)``,
+    written out from Karras et al.'s Table 1 coefficients."""
+
+    def network(x_in, noise_input, *y):
+        x, alpha, sigma = edm_inputs_undone(sigma_data, x_in, noise_input)
+        x0, _ = denoiser(x, alpha, sigma, *y)
         total = sigma**2 + sigma_data**2
-        x = x_in * jnp.sqrt(total)
-        x0, _ = gaussian_posterior(1.0, sigma, x, mean, std)
         c_skip, c_out = sigma_data**2 / total, sigma * sigma_data / jnp.sqrt(total)
         return (x0 - c_skip * x) / c_out
 
     return network
 
 
-def flow_exact_network(mean, std):
-    """The velocity ``E[eps - x0 | x_t]`` of ``x_t = (1 - t) x0 + t eps`` for ``N(mean, std^2)``
-    data, as a network of ``(x_t, 1000 t)``."""
+def flow_network(denoiser):
+    """The velocity ``E[eps - x0 | x_t]`` of ``x_t = (1 - t) x0 + t eps`` from
+    ``denoiser(x_t, alpha, sigma, *y) -> (x0, eps)``, as a network of ``(x_t, 1000 t, *y)``."""
 
-    def network(x, noise_input):
-        t = (noise_input / 1000.0).reshape((-1,) + (1,) * (x.ndim - 1))
-        x0, _ = gaussian_posterior(1.0 - t, t, x, mean, std)
-        # E[eps | x_t] = t (x_t - (1 - t) mean) / ((1 - t)^2 std^2 + t^2): finite at t = 0.
-        eps = t * (x - (1.0 - t) * mean) / ((1.0 - t) ** 2 * std**2 + t**2)
+    def network(x, noise_input, *y):
+        x0, eps = denoiser(*flow_inputs_undone(x, noise_input), *y)
         return eps - x0
 
     return network
+
+
+def edm_exact_network(sigma_data, mean, std):
+    """``edm_network`` of the exact denoiser of ``N(mean, std^2)`` data."""
+    return edm_network(sigma_data, gaussian_denoiser(mean, std))
+
+
+def flow_exact_network(mean, std):
+    """``flow_network`` of the exact denoiser of ``N(mean, std^2)`` data."""
+    return flow_network(gaussian_denoiser(mean, std))
