@@ -245,7 +245,6 @@ def validate(
 # Keys whose other values ask a noisy-image classifier for what only a denoiser has:
 # (key, the value a classifier needs, why).
 _CLASSIFIER_VALUES = (
-    ("objective.name", "ddpm", "it is trained on x_t of the ddpm objective's process"),
     ("model.class_conditional", False, "it predicts the label instead of being given one"),
     ("model.label_dropout", 0.0, "it is not conditioned on labels"),
     ("diffusion.loss_type", "simple", "its loss is the cross-entropy, not a denoising loss"),
@@ -257,8 +256,8 @@ _CLASSIFIER_VALUES = (
 
 def _check_classifier(config) -> None:
     """``model.kind`` "classifier": the keys that would ask it for a denoiser's loss, labels or
-    samples must keep their neutral values. The diffusion process (``schedule``,
-    ``num_timesteps``) is the one its x_t come from, as for a denoiser; ``mean_type`` and
+    samples must keep their neutral values. The objective (``objective.name`` and its options)
+    draws its x_t and gives its network inputs, as for a denoiser; ddpm's ``mean_type`` and
     ``var_type`` describe a denoiser's output and are not read."""
     for path, needed, why in _CLASSIFIER_VALUES:
         value = _get(config, path)
@@ -427,11 +426,6 @@ def _validate_guidance(config) -> None:
                 "unconditional model p(x) learned with 'model.label_dropout' > 0; this model was "
                 "trained with 0, so its null label means nothing"
             )
-    if scfg.guidance == "classifier" and config.objective.name != "ddpm":
-        raise ConfigError(
-            "Config key 'sampling.guidance' is 'classifier', whose noisy classifiers are trained "
-            f"on the ddpm objective's process, but 'objective.name' is {config.objective.name!r}"
-        )
     if (scfg.guidance == "classifier") != bool(scfg.classifier_workdir):
         raise ConfigError(
             "Config keys 'sampling.guidance' ('classifier') and 'sampling.classifier_workdir' "

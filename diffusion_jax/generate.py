@@ -73,9 +73,10 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
         keys = jax.lax.with_sharding_constraint(sample_keys(noise_root, indices), batch_sharding)
         y = None if cycle is None else jnp.asarray(cycle)[indices % len(cycle)]
 
-        def network(x_t, t, labels=None):
-            x_t = jax.lax.with_sharding_constraint(x_t, batch_sharding)
-            return model.apply({"params": params}, x_t, t, labels, train=False)
+        # The bare network: DDPM's samplers give it (x_t, t), the others the objective's inputs.
+        def network(x_in, noise_input, labels=None):
+            x_in = jax.lax.with_sharding_constraint(x_in, batch_sharding)
+            return model.apply({"params": params}, x_in, noise_input, labels, train=False)
 
         if scfg.guidance == "classifier_free":
             model_fn = guidance.classifier_free(
@@ -86,16 +87,17 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
                 var_type=config.diffusion.var_type,
             )
         else:
-            model_fn = lambda x_t, t: network(x_t, t, None if model.num_classes is None else y)
+            model_fn = lambda x_in, noise_input: network(
+                x_in, noise_input, None if model.num_classes is None else y
+            )
         if scfg.guidance == "classifier":
+            # The classifier sees the objective's network inputs, as in its training.
             model_fn = guidance.classifier(
                 model_fn,
                 log_prob_fn(classifier.model, classifier_params),
                 y,
                 scfg.guidance_scale,
-                objective.schedule,
-                mean_type=config.diffusion.mean_type,
-                var_type=config.diffusion.var_type,
+                objective,
             )
         return jnp.clip(run_sampler(model_fn, keys), -1.0, 1.0)
 

@@ -67,7 +67,7 @@ class Classifier:
 def load_classifier(config, mesh) -> Classifier | None:
     """The latest checkpoint of ``sampling.classifier_workdir`` when ``config`` samples with
     classifier guidance, else None. Raises ConfigError if that run is not a noisy classifier
-    of ``config``'s images, classes and forward process."""
+    of ``config``'s images, classes, objective and its process (``CLASSIFIER_PROCESS``)."""
     if config.sampling.guidance != "classifier":
         return None
     workdir = config.sampling.classifier_workdir
@@ -80,6 +80,22 @@ def load_classifier(config, mesh) -> Classifier | None:
     _check_classifier(config, classifier_config, workdir)
     model, params, param_sharding = restore_ema(classifier_config, workdir, step, mesh)
     return Classifier(model, params, param_sharding, str(workdir), step)
+
+
+# By objective, what besides the images decides the classifier's inputs: (what, the keys whose
+# values must be the model's). Its training distribution of noise levels and a sampler's grid
+# leave p(y | x_t) the same function, so they may differ.
+CLASSIFIER_PROCESS = {
+    "ddpm": ("the noise schedule", ("diffusion.schedule", "diffusion.num_timesteps")),
+    "edm": ("the input scaling", ("objective.edm.sigma_data",)),
+    "flow": ("the straight path", ()),
+}
+
+
+def _value(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
 
 
 def _check_classifier(config, classifier_config, workdir) -> None:
@@ -96,12 +112,18 @@ def _check_classifier(config, classifier_config, workdir) -> None:
         raise mismatch(
             "was trained on images of", shape(classifier_config), f"generates {shape(config)}"
         )
-    process = lambda c: f"{c.diffusion.schedule!r} x {c.diffusion.num_timesteps}"
+    name = classifier_config.objective.name
+    if name != config.objective.name:
+        raise mismatch(
+            "was trained with objective", repr(name), f"{config.objective.name!r} (objective.name)"
+        )
+    what, keys = CLASSIFIER_PROCESS[name]
+    process = lambda c: " x ".join(repr(_value(c, key)) for key in keys)
     if process(classifier_config) != process(config):
         raise mismatch(
-            "was trained on the noise schedule",
+            f"was trained on {what}",
             process(classifier_config),
-            f"uses {process(config)}",
+            f"uses {process(config)} ({' x '.join(keys)})",
         )
     classes = lambda c: input_pipeline.dataset_spec(c.data)[1]
     if classes(classifier_config) != classes(config):

@@ -23,6 +23,8 @@ from diffusion_jax.models.classifier import label_log_prob
 
 # model.kind this mode evaluates (see evaluators.evaluate).
 MODEL_KIND = "classifier"
+# The examples are noised on DDPM's schedule and scored by quarter of its timesteps.
+OBJECTIVES = ("ddpm",)
 
 
 def noised(schedule, x0, keys):

@@ -34,7 +34,8 @@ from diffusion_jax.models.unet import check_image_and_t, encode
 
 
 class NoisyClassifier(nn.Module):
-    """Logits of ``p(y | x_t)`` for images ``x_t`` of the forward process at timestep ``t``.
+    """Logits of ``p(y | x_t)`` for images ``x_t`` of the objective's forward process, given as
+    the objective's network inputs (DDPM: ``x_t`` and its timestep ``t``).
 
     Attributes:
       num_classes: number of classes (>= 2).
@@ -55,7 +56,8 @@ class NoisyClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
-        """x: [B,H,W,C] in [-1, 1]; t: [B] int timesteps (zero-based).
+        """x: [B,H,W,C], the objective's input (DDPM: x_t); t: [B] its noise input (DDPM: int
+        timesteps, zero-based).
 
         Returns logits float32 [B, num_classes].
         """
@@ -82,8 +84,9 @@ def label_log_prob(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def log_prob_fn(model: NoisyClassifier, params):
-    """``log_prob(x_t, t, y) -> log p(y | x_t)`` ``[B]`` of the classifier ``model`` with
-    ``params`` (e.g. a checkpoint's EMA parameters), with ``train=False``: what
+    """``log_prob(x_in, noise_input, y) -> log p(y | x_t)`` ``[B]`` of the classifier ``model``
+    with ``params`` (e.g. a checkpoint's EMA parameters), with ``train=False``, on the network
+    inputs of the objective it was trained with (DDPM: ``(x_t, t)``): what
     ``guidance.classifier`` takes as ``log_prob_fn``.
 
     Example ``i``'s value depends on ``x_t[i]`` alone (no batch statistics), as guidance needs.
@@ -91,8 +94,8 @@ def log_prob_fn(model: NoisyClassifier, params):
     as an argument to change them without recompiling (see ``sampling``).
     """
 
-    def log_prob(x_t, t, y):
-        logits = model.apply({"params": params}, x_t, t, train=False)
+    def log_prob(x_in, noise_input, y):
+        logits = model.apply({"params": params}, x_in, noise_input, train=False)
         return label_log_prob(logits, y)
 
     return log_prob
