@@ -15,6 +15,18 @@ import jax.numpy as jnp
 
 from diffusion_jax import diffusion, losses, schedules
 
+# The fields that are keyword arguments of losses.training_losses, under the same names.
+_LOSS_OPTIONS = (
+    "mean_type",
+    "var_type",
+    "loss_type",
+    "weighting",
+    "min_snr_gamma",
+    "p2_k",
+    "p2_gamma",
+    "vlb_weight",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class DDPM:
@@ -107,22 +119,8 @@ class DDPM:
         return shifted if var_values is None else jnp.concatenate([shifted, var_values], axis=-1)
 
     def losses(self, output, x0, x_t, t, noise):
-        return losses.training_losses(
-            self.schedule,
-            output,
-            x0,
-            x_t,
-            t,
-            noise,
-            mean_type=self.mean_type,
-            var_type=self.var_type,
-            loss_type=self.loss_type,
-            weighting=self.weighting,
-            min_snr_gamma=self.min_snr_gamma,
-            p2_k=self.p2_k,
-            p2_gamma=self.p2_gamma,
-            vlb_weight=self.vlb_weight,
-        )
+        options = {name: getattr(self, name) for name in _LOSS_OPTIONS}
+        return losses.training_losses(self.schedule, output, x0, x_t, t, noise, **options)
 
     def quarter(self, t):
         return t * 4 // self.num_timesteps
