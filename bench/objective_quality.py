@@ -109,6 +109,8 @@ def table_and_plot(args):
                 ls=("-", "--", ":", "-.", (0, (1, 3)))[j % 5],
                 label=f"{run} {method}",
             )
+    if args.reference_fid:
+        ax.axhline(args.reference_fid, color="k", lw=0.8, label=args.reference_label)
     ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample")
     ax.set_ylabel("Frechet distance (digits classifier)")
     ax.legend(fontsize=7)
@@ -128,6 +130,8 @@ def main(argv=None):
     parser.add_argument(
         "--methods", default="ancestral,dpmpp_3m,euler,heun", help="those a run can't: skipped"
     )
+    parser.add_argument("--reference_fid", type=float, help="--plot: a horizontal line here")
+    parser.add_argument("--reference_label", default="reference", help="its legend entry")
     parser.add_argument("--ddpm_spacing", default="logsnr", help="sampling.spacing of ddpm runs")
     parser.add_argument("--evaluations", default="9,17,35,69,200")
     parser.add_argument("--num_samples", type=int, default=1000)
