@@ -161,6 +161,13 @@ def test_generation_is_split_over_devices_and_device_count_invariant(sharded_run
     assert np.std(one["samples"]) > 0.1  # not a constant
 
 
+def test_fewer_samples_than_a_batch_compute_only_those(sharded_runs):
+    run = sharded_runs["sample_6_of_500"]
+    # 6 samples padded to 8 for 4 devices, not eval.batch_size's 500 (125 per device).
+    assert run["network_batches"] == [8]
+    assert run["saved"] == 6
+
+
 def test_classifier_free_guidance_keeps_both_branches_on_the_examples_device(sharded_runs):
     one, four = sharded_runs["guided_1"], sharded_runs["guided_4"]
     assert four["collectives"] == []
