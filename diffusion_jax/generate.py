@@ -53,7 +53,6 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
         )
     options = config_lib.sampler_options(config)
     schedule = config_lib.make_sampling_schedule(config)
-    training_schedule = config_lib.make_schedule(config)
     num_classes = model.num_classes or (classifier and classifier.model.num_classes)
     cycle = config_lib.sampling_labels(config, num_classes)
     batch = padded_size(num_samples, mesh)
@@ -67,31 +66,9 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
         indices = first_index + jnp.arange(batch, dtype=jnp.int32)
         keys = jax.lax.with_sharding_constraint(sample_keys(noise_root, indices), batch_sharding)
         y = None if cycle is None else jnp.asarray(cycle)[indices % len(cycle)]
-
-        def network(x_t, t, labels=None):
-            x_t = jax.lax.with_sharding_constraint(x_t, batch_sharding)
-            return model.apply({"params": params}, x_t, t, labels, train=False)
-
-        if scfg.guidance == "classifier_free":
-            model_fn = guidance.classifier_free(
-                network,
-                y,
-                scfg.guidance_scale,
-                null_label=model.num_classes,
-                var_type=config.diffusion.var_type,
-            )
-        else:
-            model_fn = lambda x_t, t: network(x_t, t, None if model.num_classes is None else y)
-        if scfg.guidance == "classifier":
-            model_fn = guidance.classifier(
-                model_fn,
-                log_prob_fn(classifier.model, classifier_params),
-                y,
-                scfg.guidance_scale,
-                training_schedule,
-                mean_type=config.diffusion.mean_type,
-                var_type=config.diffusion.var_type,
-            )
+        model_fn = sampler_model_fn(
+            config, model, params, y, classifier, classifier_params, batch_sharding=batch_sharding
+        )
         x0 = sampling.sample(model_fn, schedule, shape, keys, **options)
         return jnp.clip(x0, -1.0, 1.0)
 
@@ -105,6 +82,47 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
         out_shardings=batch_sharding,
     )
     return lambda params, rng, first_index: compiled(params, rng, first_index, classifier.params)
+
+
+def sampler_model_fn(
+    config, model, params, labels, classifier=None, classifier_params=None, *, batch_sharding=None
+):
+    """The ``model_fn(x_t, t)`` that the sampler of ``config.sampling`` runs.
+
+    ``model`` (a U-Net) with ``params``, given ``labels`` (int ``[B]``, one per row of ``x_t``:
+    a class-conditional model's, and the classes of classifier guidance; None when sampling
+    uses no labels), guided as ``sampling.guidance`` says; classifier guidance takes the
+    ``pretrained.Classifier`` ``classifier`` with ``classifier_params``. With
+    ``batch_sharding``, the network's input ``x_t`` is constrained to it.
+    """
+    scfg = config.sampling
+
+    def network(x_t, t, y=None):
+        if batch_sharding is not None:
+            x_t = jax.lax.with_sharding_constraint(x_t, batch_sharding)
+        return model.apply({"params": params}, x_t, t, y, train=False)
+
+    if scfg.guidance == "classifier_free":
+        model_fn = guidance.classifier_free(
+            network,
+            labels,
+            scfg.guidance_scale,
+            null_label=model.num_classes,
+            var_type=config.diffusion.var_type,
+        )
+    else:
+        model_fn = lambda x_t, t: network(x_t, t, None if model.num_classes is None else labels)
+    if scfg.guidance == "classifier":
+        model_fn = guidance.classifier(
+            model_fn,
+            log_prob_fn(classifier.model, classifier_params),
+            labels,
+            scfg.guidance_scale,
+            config_lib.make_schedule(config),
+            mean_type=config.diffusion.mean_type,
+            var_type=config.diffusion.var_type,
+        )
+    return model_fn
 
 
 def sample_labels(config, num_classes: int | None, indices) -> np.ndarray | None:

@@ -23,9 +23,17 @@ import portpicker
 import pytest
 from PIL import Image
 
-from diffusion_jax import checkpointing, config_lib, evaluators, input_pipeline, schedules, sharding
+from diffusion_jax import (
+    checkpointing,
+    config_defaults,
+    config_lib,
+    evaluators,
+    input_pipeline,
+    schedules,
+    sharding,
+)
 from diffusion_jax.evaluators import bpd, common, figures
-from tests.closed_form import expected_bound_bpd, gaussian_eps_fn
+from tests.closed_form import class_conditional_eps_fn, expected_bound_bpd, gaussian_eps_fn
 from tests.test_train import _config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -66,6 +74,19 @@ class ExactGaussianModel:
         return self._eps_fn(x_t, t)
 
 
+class ExactMixtureModel:
+    """The MSE-optimal eps-predictor of a class-conditional mixture of diagonal Gaussians (one
+    per class; the null label asks for the mixture's), with a conditional U-Net's ``apply``."""
+
+    def __init__(self, alphas_cumprod, means, stds):
+        self.num_classes = len(means)
+        weights = np.full(self.num_classes, 1 / self.num_classes)
+        self._eps_fn = class_conditional_eps_fn(alphas_cumprod, weights, means, stds)
+
+    def apply(self, variables, x_t, t, y, train):
+        return self._eps_fn(x_t.reshape(len(x_t), -1), t, y).reshape(x_t.shape)
+
+
 def _test_split_pixels() -> np.ndarray:
     source = input_pipeline.DigitsSource("test")
     return np.stack([source[i]["image"] for i in range(len(source))])
@@ -85,6 +106,12 @@ def exact_gaussian_context(workdir, mesh, *, batch_size: int, num_timesteps: int
     pixels = _test_split_pixels() / 127.5 - 1
     schedule = config_lib.make_schedule(config)
     model = ExactGaussianModel(schedule.alphas_cumprod, pixels.mean(), pixels.std())
+    return closed_form_context(workdir, mesh, config, model)
+
+
+def closed_form_context(workdir, mesh, config, model) -> common.Context:
+    """An evaluation context of step 0 of ``workdir`` whose network is ``model``, a closed form
+    without parameters."""
     return common.Context(
         config=config,
         workdir=pathlib.Path(workdir),
@@ -363,6 +390,58 @@ def test_figures_of_a_trained_model(trained_workdir, tmp_path):
     assert rate[-1] == pytest.approx(bound["total_bpd"], rel=1e-6)
     assert rate[0] == pytest.approx(bound["prior_bpd"], rel=1e-6)
     assert curve["distortion_rmse"][-1] == 0.0 and curve["distortion_rmse"][0] > 30
+
+
+def _figure_cells(path, cols: int, size: int = 8) -> np.ndarray:
+    """The images ``[rows, cols, size, size]`` in [-1, 1] of a figure's grid of ``cols``
+    columns (upscaled, 1-pixel separators)."""
+    step = size + 1
+    grid = np.asarray(Image.open(path), np.float64)
+    scale = grid.shape[1] // (cols * step - 1)
+    grid = grid[::scale, ::scale] / 127.5 - 1
+    rows = (grid.shape[0] + 1) // step
+    return np.array(
+        [
+            [grid[r * step : r * step + size, k * step : k * step + size] for k in range(cols)]
+            for r in range(rows)
+        ]
+    )
+
+
+def test_figures_of_a_class_conditional_model_label_each_chain_as_generation_does(tmp_path):
+    """The exact denoiser of a mixture whose class c is every pixel near m_c: a chain's label
+    shows as its images' mean (the cycled labels 7, 2, 5, ...: sample, image and pair i get
+    the label of generated sample i)."""
+    config = config_defaults.make_class_conditional(
+        tiny_config(
+            **{
+                "sampling.clip_denoised": False,
+                "sampling.labels": (7, 2, 5),
+                "eval.num_examples": 8,
+                "eval.batch_size": 8,
+            }
+        )
+    )
+    class_means = np.linspace(-0.9, 0.9, 10)  # 0.2 apart
+    model = ExactMixtureModel(
+        config_lib.make_schedule(config).alphas_cumprod,
+        np.repeat(class_means[:, None], 64, axis=1),
+        np.full((10, 64), 0.05),
+    )
+    ctx = closed_form_context(tmp_path, sharding.make_mesh(), config, model)
+    files = figures.run(ctx)["figures"]
+
+    def labels_shown(cells):
+        return np.round((cells.mean(axis=(-2, -1)) - class_means[0]) / 0.2).astype(int)
+
+    progressive = _figure_cells(files["progressive"], cols=11)[:, -1]  # the samples
+    np.testing.assert_array_equal(labels_shown(progressive), [7, 2, 5, 7, 2, 5, 7, 2])
+    # Rows: image 0 at 4 values of t, then image 1; its 6 samples after the image and x_t.
+    shared = _figure_cells(files["shared_latent"], cols=8)[:, 2:]
+    np.testing.assert_array_equal(labels_shown(shared), np.repeat([[7] * 6, [2] * 6], 4, axis=0))
+    # Rows: pair 0 at 3 values of t, then pair 1; its 11 decodings between the two images.
+    decoded = _figure_cells(files["interpolation"], cols=13)[:, 1:-1]
+    np.testing.assert_array_equal(labels_shown(decoded), np.repeat([[7] * 11, [2] * 11], 3, axis=0))
 
 
 def test_bad_input_is_one_line_and_writes_nothing(trained_workdir, tmp_path, env):
