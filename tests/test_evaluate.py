@@ -28,8 +28,10 @@ from diffusion_jax import (
     checkpointing,
     config_defaults,
     config_lib,
+    digits_classifier,
     evaluators,
     input_pipeline,
+    metrics,
     schedules,
     sharding,
 )
@@ -254,6 +256,15 @@ def _evaluate_command(workdir, mode, *flags):
 
 
 @pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A reference directory of mode=fid holding the digits classifier, trained once, and no
+    reference features."""
+    directory = tmp_path_factory.mktemp("classifier")
+    digits_classifier.load_or_train(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Subprocess environment: fast compilation, and one persistent compilation cache for all
     of this module's runs (a program's second run loads it instead of compiling)."""
@@ -408,6 +419,36 @@ def test_samples_are_the_same_on_2_processes_of_2_devices(trained_workdir, tmp_p
     assert names_a == names_b and len(names_a) == 2
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_fid_mode_precision_is_of_the_samples_and_recall_of_the_data(
+    trained_workdir, classifier_dir, tmp_path
+):
+    """Samples that are the train split's zeros, scored against the train split: every sample
+    lies on the data's manifold (precision 1), and covers a small part of it (recall)."""
+    images, labels = digits_classifier.split_arrays("train")
+    zeros = images[labels == 0]
+    samples_dir = tmp_path / "zeros"
+    samples_dir.mkdir()
+    np.savez(samples_dir / "shard_000000.npz", images=zeros)
+    workdir = _copy(trained_workdir, tmp_path, "fid")
+    overrides = {
+        "eval.sample_dir": str(samples_dir),
+        "eval.num_samples": len(zeros),
+        "eval.reference_dir": str(classifier_dir),
+    }
+    result = evaluators.evaluate(workdir, "fid", overrides=overrides)
+    assert result["reference"] == {"split": "train", "num_examples": len(images)}
+    # Each sample is a reference image: at distance 0 from the centre of its ball.
+    assert result["precision"] == 1.0
+    # The real zeros lie in the balls of the samples, some real images next to them too.
+    params = digits_classifier.load_or_train(classifier_dir)
+    _, recall = metrics.precision_recall(
+        digits_classifier.features(params, images)["features"],
+        digits_classifier.features(params, zeros)["features"],
+    )
+    assert result["recall"] == pytest.approx(recall, abs=3 / len(images))  # 3 borderline images
+    assert len(zeros) / len(images) <= result["recall"] < 0.2
 
 
 def test_rate_distortion_from_hand_made_terms():
