@@ -1,11 +1,12 @@
 """The evaluation program: the bound over a split against its closed form, sharded evaluation and
-generation equal to unsharded, resumption after SIGKILL, multi-process samples, the figures and
-one-line errors for bad input.
+generation equal to unsharded, resumption after SIGKILL, samples, bound and scores of 2
+processes equal to 1, the scores and figures, and one-line errors for bad input.
 
 The program runs on a tiny class-conditional U-Net trained for a few seconds on the digits
-(``trained_workdir``), enough for its bound and samples to be far from an untrained network's.
-The closed-form checks evaluate the exact denoiser of a Gaussian, which stands in for the
-network in the evaluator's own ``Context``.
+(``trained_workdir``), enough for its bound and samples to be far from an untrained network's;
+one uninterrupted run of it is the reference of the resumed and the multi-process runs. The
+closed-form checks evaluate the exact denoiser of a Gaussian (or of a mixture), which stands
+in for the network in the evaluator's own ``Context``.
 """
 
 from __future__ import annotations
@@ -96,11 +97,11 @@ def _split_pixels(split: str = "test") -> np.ndarray:
     return np.stack([source[i]["image"] for i in range(len(source))])
 
 
-def gaussian_bound_bpd(num_timesteps: int):
+def gaussian_bound_bpd(num_timesteps: int, num_examples: int | None = None):
     """``(prior, decoder L_0, [L_1 .. L_{T-1}])`` in bits/dim: the exact expected bound over
-    the digits test split of the exact denoiser of the Gaussian with its pixel mean and std
-    (linear schedule, "fixed_large", no clipping, exact CDF)."""
-    pixels = _split_pixels()
+    the digits test split (its first ``num_examples``) of the exact denoiser of the Gaussian
+    with their pixel mean and std (linear schedule, "fixed_large", no clipping, exact CDF)."""
+    pixels = _split_pixels()[:num_examples]
     pmf = np.bincount(pixels.ravel(), minlength=256) / pixels.size
     scaled = pixels / 127.5 - 1
     betas = schedules.get_betas("linear", num_timesteps)
@@ -244,14 +245,18 @@ def trained_workdir(tmp_path_factory):
     return workdir
 
 
-def _evaluate_command(workdir, mode, *flags):
+def _evaluate_flags(workdir, modes, *flags) -> list[str]:
+    """The evaluation program's flags for ``workdir``: one mode, or a list run in turn."""
+    modes = [modes] if isinstance(modes, str) else modes
+    return [f"--workdir={workdir}", *(f"--mode={mode}" for mode in modes), *flags]
+
+
+def _evaluate_command(workdir, modes, *flags):
     return [
         sys.executable,
         "-m",
         "diffusion_jax.evaluate",
-        f"--workdir={workdir}",
-        f"--mode={mode}",
-        *flags,
+        *_evaluate_flags(workdir, modes, *flags),
     ]
 
 
@@ -262,6 +267,13 @@ def classifier_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("classifier")
     digits_classifier.load_or_train(directory)
     return directory
+
+
+def _reference_dir(classifier_dir, path) -> pathlib.Path:
+    """A new reference directory ``path`` holding the digits classifier only."""
+    path.mkdir()
+    shutil.copy(digits_classifier.cache_path(classifier_dir), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -305,17 +317,51 @@ def _copy(workdir, tmp_path, name):
     return copy
 
 
-def test_bpd_killed_and_restarted_equals_an_uninterrupted_run(trained_workdir, tmp_path, env):
-    # The bound as its closed form for a Gaussian takes it: no clipping, the exact CDF.
-    flags = [
-        "--config.eval.batch_size=40",
-        "--config.sampling.clip_denoised=False",
-        "--config.eval.exact_cdf=True",
-    ]
-    straight = _copy(trained_workdir, tmp_path, "straight")
-    _run_to_end(_evaluate_command(straight, "bpd", *flags), env)
+# The settings of every run of the program on the trained network below, so that each program
+# compiles once (``env``'s cache) and one uninterrupted run is the reference of the resumed and
+# the 2-process runs: the bound (and the sampler) without clipping and with the exact CDF, as
+# the bound's closed form for a Gaussian takes it; 100 test examples and 100 samples in batches
+# of 40, the last ones padded.
+RUN_MODES = ["sample", "bpd", "fid"]
+RUN_EXAMPLES = RUN_SAMPLES = 100
+RUN_FLAGS = [
+    "--config.eval.batch_size=40",
+    f"--config.eval.num_examples={RUN_EXAMPLES}",
+    f"--config.eval.num_samples={RUN_SAMPLES}",
+    "--config.sampling.clip_denoised=False",
+    "--config.eval.exact_cdf=True",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(trained_workdir, classifier_dir, tmp_path_factory, env):
+    """``(workdir, reference_dir)``: a copy of the trained workdir after one uninterrupted run
+    of ``RUN_MODES`` in 1 process of 1 device, and the reference directory where its
+    mode=fid computed the reference features."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    workdir = root / "workdir"
+    shutil.copytree(trained_workdir, workdir)
+    reference = _reference_dir(classifier_dir, root / "reference")
+    flags = [*RUN_FLAGS, f"--config.eval.reference_dir={reference}"]
+    _run_to_end(_evaluate_command(workdir, RUN_MODES, *flags), env)
+    return workdir, reference
+
+
+def _eval_path(workdir, name) -> pathlib.Path:
+    """``workdir/eval/<name>_step<TRAINED_STEPS>``."""
+    return workdir / "eval" / f"{name}_step{TRAINED_STEPS}"
+
+
+def _eval_json(workdir, mode) -> dict:
+    return json.loads(_eval_path(workdir, mode).with_suffix(".json").read_text())
+
+
+def test_bpd_killed_and_restarted_equals_an_uninterrupted_run(
+    trained_workdir, uninterrupted, tmp_path, env
+):
+    straight, _ = uninterrupted
     resumed = _copy(trained_workdir, tmp_path, "resumed")
-    partial = resumed / "eval" / f"bpd_step{TRAINED_STEPS}.partial.npz"
+    partial = _eval_path(resumed, "bpd").with_suffix(".partial.npz")
 
     def one_batch_done():
         try:
@@ -324,28 +370,25 @@ def test_bpd_killed_and_restarted_equals_an_uninterrupted_run(trained_workdir, t
         except (OSError, ValueError, KeyError):
             return False
 
-    _kill_when(_evaluate_command(resumed, "bpd", *flags), one_batch_done, env)
+    _kill_when(_evaluate_command(resumed, "bpd", *RUN_FLAGS), one_batch_done, env)
     with np.load(partial) as saved:
-        assert 1 <= int(saved["batches_done"]) < 8  # killed mid-run
-    _run_to_end(_evaluate_command(resumed, "bpd", *flags), env)
+        assert 1 <= int(saved["batches_done"]) < 3  # killed mid-run
+    _run_to_end(_evaluate_command(resumed, "bpd", *RUN_FLAGS), env)
     assert not partial.exists()
     with (
-        np.load(straight / "eval" / f"bpd_step{TRAINED_STEPS}.npz") as a,
-        np.load(resumed / "eval" / f"bpd_step{TRAINED_STEPS}.npz") as b,
+        np.load(_eval_path(straight, "bpd").with_suffix(".npz")) as a,
+        np.load(_eval_path(resumed, "bpd").with_suffix(".npz")) as b,
     ):
         np.testing.assert_array_equal(a["example_bpd"], b["example_bpd"])
         np.testing.assert_array_equal(a["terms"], b["terms"])
-    numbers = [
-        json.loads((d / "eval" / f"bpd_step{TRAINED_STEPS}.json").read_text())
-        for d in (straight, resumed)
-    ]
+    numbers = [_eval_json(d, "bpd") for d in (straight, resumed)]
     for key in ("total_bpd", "prior_bpd", "decoder_bpd", "num_examples", "terms_bpd"):
         assert numbers[0][key] == numbers[1][key]
-    assert numbers[0]["num_examples"] == 297 and numbers[0]["split"] == "test"
+    assert numbers[0]["num_examples"] == RUN_EXAMPLES and numbers[0]["split"] == "test"
     # The network has learnt more than the pixels' mean and std: its bound is below that of
     # the Gaussian's exact denoiser (6.8 bits/dim; an untrained network, eps_hat = 0, the
-    # Gaussian's std -> inf limit, gets 17.2).
-    prior, decoder, kls = gaussian_bound_bpd(trained_config().diffusion.num_timesteps)
+    # Gaussian's std -> inf limit, gets 17.3).
+    prior, decoder, kls = gaussian_bound_bpd(trained_config().diffusion.num_timesteps, RUN_EXAMPLES)
     assert 0 < numbers[0]["total_bpd"] < prior + decoder + kls.sum()
 
 
@@ -358,22 +401,22 @@ def _shards(directory):
     return [path.name for path in shards], arrays
 
 
-def test_samples_killed_and_restarted_equal_an_uninterrupted_run(trained_workdir, tmp_path, env):
-    flags = ["--config.eval.batch_size=32", "--config.eval.num_samples=150"]
-    straight = _copy(trained_workdir, tmp_path, "straight")
-    _run_to_end(_evaluate_command(straight, "sample", *flags), env)
+def test_samples_killed_and_restarted_equal_an_uninterrupted_run(
+    trained_workdir, uninterrupted, tmp_path, env
+):
+    straight, _ = uninterrupted
     resumed = _copy(trained_workdir, tmp_path, "resumed")
-    first = resumed / "eval" / f"samples_step{TRAINED_STEPS}" / "shard_000000.npz"
-    _kill_when(_evaluate_command(resumed, "sample", *flags), first.exists, env)
+    first = _eval_path(resumed, "samples") / "shard_000000.npz"
+    _kill_when(_evaluate_command(resumed, "sample", *RUN_FLAGS), first.exists, env)
     names_killed, _ = _shards(first.parent)
-    assert 1 <= len(names_killed) < 5
-    _run_to_end(_evaluate_command(resumed, "sample", *flags), env)
-    names_a, a = _shards(straight / "eval" / f"samples_step{TRAINED_STEPS}")
+    assert 1 <= len(names_killed) < 3
+    _run_to_end(_evaluate_command(resumed, "sample", *RUN_FLAGS), env)
+    names_a, a = _shards(_eval_path(straight, "samples"))
     names_b, b = _shards(first.parent)
-    assert names_a == names_b == [f"shard_{k:06d}.npz" for k in range(5)]
+    assert names_a == names_b == [f"shard_{k:06d}.npz" for k in range(3)]
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert [len(x) for x in a] == [32, 32, 32, 32, 22]
+    assert [len(x) for x in a] == [40, 40, 20]
     assert a[0].dtype == np.uint8 and a[0].shape[1:] == (8, 8, 1)
     # The samples have the digits' mean image (dark borders, bright strokes in the middle),
     # which noise lacks (an untrained network's samples: a correlation near 0).
@@ -381,15 +424,19 @@ def test_samples_killed_and_restarted_equal_an_uninterrupted_run(trained_workdir
     data_mean_image = _split_pixels("train").mean(axis=0, dtype=np.float64).ravel()
     correlation = np.corrcoef(mean_image, data_mean_image)[0, 1]
     assert correlation > 0.8
-    grid = Image.open(straight / "eval" / f"samples_step{TRAINED_STEPS}.png")
+    grid = Image.open(_eval_path(straight, "samples").with_suffix(".png"))
     assert grid.size[0] == grid.size[1] > 10 * 8  # 100 samples, upscaled
 
 
-def test_samples_are_the_same_on_2_processes_of_2_devices(trained_workdir, tmp_path, env):
-    flags = ["--config.eval.batch_size=24", "--config.eval.num_samples=40"]
-    single = _copy(trained_workdir, tmp_path, "single")
-    _run_to_end(_evaluate_command(single, "sample", *flags), env)
+def test_samples_bound_and_scores_are_the_same_on_2_processes_of_2_devices(
+    trained_workdir, classifier_dir, uninterrupted, tmp_path, env
+):
+    """``RUN_MODES`` in one run of 2 processes of 2 devices, which computes its own reference
+    features, against the uninterrupted run of 1 process."""
+    single, single_reference = uninterrupted
     multi = _copy(trained_workdir, tmp_path, "multi")
+    multi_reference = _reference_dir(classifier_dir, tmp_path / "reference")
+    flags = [*RUN_FLAGS, f"--config.eval.reference_dir={multi_reference}"]
     env = dict(
         env,
         MODULE="diffusion_jax.evaluate",
@@ -397,16 +444,8 @@ def test_samples_are_the_same_on_2_processes_of_2_devices(trained_workdir, tmp_p
         PORT=str(portpicker.pick_unused_port()),
     )
     out = subprocess.run(
-        [
-            "bash",
-            str(REPO / "launch" / "local.sh"),
-            "2",
-            "2",
-            "--",
-            f"--workdir={multi}",
-            "--mode=sample",
-            *flags,
-        ],
+        ["bash", str(REPO / "launch" / "local.sh"), "2", "2", "--"]
+        + _evaluate_flags(multi, RUN_MODES, *flags),
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -414,11 +453,45 @@ def test_samples_are_the_same_on_2_processes_of_2_devices(trained_workdir, tmp_p
         timeout=TIMEOUT_S,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    names_a, a = _shards(single / "eval" / f"samples_step{TRAINED_STEPS}")
-    names_b, b = _shards(multi / "eval" / f"samples_step{TRAINED_STEPS}")
-    assert names_a == names_b and len(names_a) == 2
+    names_a, a = _shards(_eval_path(single, "samples"))
+    names_b, b = _shards(_eval_path(multi, "samples"))
+    assert names_a == names_b and len(names_a) == 3
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
+
+    with (
+        np.load(_eval_path(single, "bpd").with_suffix(".npz")) as one,
+        np.load(_eval_path(multi, "bpd").with_suffix(".npz")) as two,
+    ):
+        assert one["example_bpd"].shape == (RUN_EXAMPLES,)
+        assert np.all(np.isfinite(one["example_bpd"]))
+        np.testing.assert_allclose(two["example_bpd"], one["example_bpd"], rtol=1e-6)
+        np.testing.assert_allclose(two["terms"], one["terms"], rtol=1e-6)
+    bound = [_eval_json(d, "bpd") for d in (single, multi)]
+    assert bound[1]["num_examples"] == bound[0]["num_examples"] == RUN_EXAMPLES
+    assert bound[1]["total_bpd"] == pytest.approx(bound[0]["total_bpd"], rel=1e-6)
+
+    scores = [_eval_json(d, "fid") for d in (single, multi)]
+    for key in ("num_samples", "reference", "feature_network", "classifier_test_accuracy"):
+        assert scores[1][key] == scores[0][key]
+    assert scores[0]["num_samples"] == RUN_SAMPLES
+    assert scores[0]["reference"]["num_examples"] == 1500
+    for key in (
+        "fid",
+        "inception_score",
+        "inception_score_std",
+        "kid",
+        "kid_std",
+        "precision",
+        "recall",
+        "label_agreement",
+        "fid_real_test",
+        "fid_samples_at_real_test_n",
+    ):
+        assert scores[1][key] == pytest.approx(scores[0][key], rel=1e-5), key
+    [one], [two] = (sorted(d.glob("digits-*.npz")) for d in (single_reference, multi_reference))
+    assert one.name == two.name
+    np.testing.assert_allclose(np.load(two)["features"], np.load(one)["features"], rtol=1e-5)
 
 
 def test_fid_mode_precision_is_of_the_samples_and_recall_of_the_data(
@@ -474,7 +547,7 @@ def test_figures_of_a_trained_class_conditional_model(trained_workdir, tmp_path)
     # Fig. 9: 2 pairs x 3 values of t; image a, 11 decodings, image b.
     assert Image.open(files["interpolation"]).size == (13 * cell - scale, 6 * cell - scale)
     curve = json.loads((files["rate_distortion"].parent / "rate_distortion.json").read_text())
-    bound = json.loads((workdir / "eval" / f"bpd_step{TRAINED_STEPS}.json").read_text())
+    bound = _eval_json(workdir, "bpd")
     rate = np.asarray(curve["rate_bpd"])
     assert len(rate) == 51 and np.all(np.diff(rate) >= 0)  # KL terms are >= 0
     assert rate[-1] == pytest.approx(bound["total_bpd"], rel=1e-6)
@@ -572,7 +645,7 @@ def test_sample_directory_of_other_settings_is_not_mixed(trained_workdir, tmp_pa
     workdir = _copy(trained_workdir, tmp_path, "mixed")
     overrides = {"eval.batch_size": 16, "eval.num_samples": 16}
     evaluators.evaluate(workdir, "sample", overrides=overrides)
-    shard = workdir / "eval" / f"samples_step{TRAINED_STEPS}" / "shard_000000.npz"
+    shard = _eval_path(workdir, "samples") / "shard_000000.npz"
     written = shard.read_bytes()
     with pytest.raises(
         ValueError,
