@@ -1,6 +1,7 @@
 """Evaluates a trained workdir.
 
-``python -m diffusion_jax.evaluate --workdir=DIR --mode=MODE [--step=N] [--config.eval.KEY=V]``
+``python -m diffusion_jax.evaluate --workdir=DIR --mode=MODE [--mode=MODE ...] [--step=N]
+[--config.eval.KEY=V]``
 
 Takes the config the latest checkpoint (or ``--step``) was trained with (recorded in it;
 ``--config.*`` flags override keys of it), restores that checkpoint's EMA parameters and runs
@@ -16,7 +17,9 @@ one mode:
     a denoiser; a mode for the other kind stops with one line.
 
 Each writes ``DIR/eval/<mode>_step<N>.json`` (its numbers, the step and the config) and prints
-a one-line summary. Multi-host like training: the same command on every process.
+a one-line summary. Several ``--mode`` flags run their modes in that order in one process (e.g.
+``--mode=sample --mode=fid``: one start-up, one multi-host initialisation). Multi-host like
+training: the same command on every process.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from diffusion_jax import config_defaults, runtime
 from diffusion_jax.evaluators import MODES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (local or gs://...).")
-_MODE = flags.DEFINE_enum("mode", None, list(MODES), "What to evaluate.")
+_MODES = flags.DEFINE_multi_enum(
+    "mode", None, list(MODES), "What to evaluate; repeated, the modes run in that order."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 _CONFIG = config_flags.DEFINE_config_dict(
     "config",
@@ -40,14 +45,19 @@ _CONFIG = config_flags.DEFINE_config_dict(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _WORKDIR.value is None or _MODE.value is None:
+    if _WORKDIR.value is None or not _MODES.value:
         raise app.UsageError("--workdir and --mode are required")
     runtime.init_runtime()
     from diffusion_jax import checkpointing, config_lib, evaluators
 
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
+
+    def evaluate_each():
+        for mode in _MODES.value:
+            evaluators.evaluate(_WORKDIR.value, mode, _STEP.value, overrides)
+
     runtime.run_or_exit(
-        lambda: evaluators.evaluate(_WORKDIR.value, _MODE.value, _STEP.value, overrides),
+        evaluate_each,
         (config_lib.ConfigError, checkpointing.CheckpointError, ValueError, OSError, ImportError),
     )
 

@@ -72,33 +72,9 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
         indices = first_index + jnp.arange(batch, dtype=jnp.int32)
         keys = jax.lax.with_sharding_constraint(sample_keys(noise_root, indices), batch_sharding)
         y = None if cycle is None else jnp.asarray(cycle)[indices % len(cycle)]
-
-        # The bare network: DDPM's samplers give it (x_t, t), the others the objective's inputs.
-        def network(x_in, noise_input, labels=None):
-            x_in = jax.lax.with_sharding_constraint(x_in, batch_sharding)
-            return model.apply({"params": params}, x_in, noise_input, labels, train=False)
-
-        if scfg.guidance == "classifier_free":
-            model_fn = guidance.classifier_free(
-                network,
-                y,
-                scfg.guidance_scale,
-                null_label=model.num_classes,
-                var_type=config.diffusion.var_type,
-            )
-        else:
-            model_fn = lambda x_in, noise_input: network(
-                x_in, noise_input, None if model.num_classes is None else y
-            )
-        if scfg.guidance == "classifier":
-            # The classifier sees the objective's network inputs, as in its training.
-            model_fn = guidance.classifier(
-                model_fn,
-                log_prob_fn(classifier.model, classifier_params),
-                y,
-                scfg.guidance_scale,
-                objective,
-            )
+        model_fn = sampler_model_fn(
+            config, model, params, y, classifier, classifier_params, batch_sharding=batch_sharding
+        )
         return jnp.clip(run_sampler(model_fn, keys), -1.0, 1.0)
 
     if classifier is None:
@@ -111,6 +87,49 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
         out_shardings=batch_sharding,
     )
     return lambda params, rng, first_index: compiled(params, rng, first_index, classifier.params)
+
+
+def sampler_model_fn(
+    config, model, params, labels, classifier=None, classifier_params=None, *, batch_sharding=None
+):
+    """The model function that the sampler of ``config.sampling`` runs: the bare network
+    ``(x_in, noise_input)`` (DDPM's samplers give it ``(x_t, t)``, the others the objective's
+    network inputs), guided as ``sampling.guidance`` says.
+
+    ``model`` (a U-Net) with ``params``, given ``labels`` (int ``[B]``, one per row of ``x_t``:
+    a class-conditional model's, and the classes of classifier guidance; None when sampling
+    uses no labels); classifier guidance takes the ``pretrained.Classifier`` ``classifier``
+    with ``classifier_params``, fed the objective's network inputs as in its training. With
+    ``batch_sharding``, the network's input is constrained to it.
+    """
+    scfg = config.sampling
+
+    def network(x_in, noise_input, y=None):
+        if batch_sharding is not None:
+            x_in = jax.lax.with_sharding_constraint(x_in, batch_sharding)
+        return model.apply({"params": params}, x_in, noise_input, y, train=False)
+
+    if scfg.guidance == "classifier_free":
+        model_fn = guidance.classifier_free(
+            network,
+            labels,
+            scfg.guidance_scale,
+            null_label=model.num_classes,
+            var_type=config.diffusion.var_type,
+        )
+    else:
+        model_fn = lambda x_in, noise_input: network(
+            x_in, noise_input, None if model.num_classes is None else labels
+        )
+    if scfg.guidance == "classifier":
+        model_fn = guidance.classifier(
+            model_fn,
+            log_prob_fn(classifier.model, classifier_params),
+            labels,
+            scfg.guidance_scale,
+            config_lib.make_objective(config),
+        )
+    return model_fn
 
 
 def sample_labels(config, num_classes: int | None, indices) -> np.ndarray | None:

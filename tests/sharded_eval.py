@@ -6,9 +6,12 @@
 - ``generate`` with a tiny U-Net: the batch of every convolution in the compiled program, and
   the samples, per mesh;
 - ``generate`` with classifier-free guidance: the collectives in the compiled program (the
-  two branches of an example run on its device), and the samples, per mesh.
+  two branches of an example run on its device), and the samples, per mesh;
+- ``mode=sample`` of 6 samples with ``eval.batch_size`` 500 on 4 devices: the batch of the
+  network in the program it runs (the exact Gaussian denoiser), and the samples it saved.
 """
 
+import dataclasses
 import json
 import re
 import sys
@@ -19,9 +22,22 @@ import numpy as np
 
 from diffusion_jax import config_lib, generate, sharding, train_step
 from diffusion_jax.evaluators import bpd
+from diffusion_jax.evaluators import samples as sample_mode
 from tests import test_evaluate, test_guided_generation
 
 COLLECTIVES = r"\b(all-to-all|collective-permute|all-gather|all-reduce|reduce-scatter)\b"
+
+
+class RowCounting:
+    """``model`` (a network with a U-Net's ``apply``), noting the batch of every call it is
+    traced with."""
+
+    def __init__(self, model):
+        self.model, self.num_classes, self.batches = model, model.num_classes, set()
+
+    def apply(self, variables, x_t, *args, **kwargs):
+        self.batches.add(int(x_t.shape[0]))
+        return self.model.apply(variables, x_t, *args, **kwargs)
 
 
 def main():
@@ -71,6 +87,15 @@ def main():
             "collectives": sorted(set(re.findall(COLLECTIVES, hlo))),
             "samples": generate.to_host(generate_fn(params, rng, 0)).tolist(),
         }
+    with tempfile.TemporaryDirectory() as workdir:
+        ctx = test_evaluate.exact_gaussian_context(
+            workdir, sharding.make_mesh(1), batch_size=500, num_timesteps=50
+        )
+        ctx.config.eval.num_samples = 6
+        counting = RowCounting(ctx.model)
+        sample_mode.run(dataclasses.replace(ctx, model=counting))
+        saved = sample_mode.load_samples(sample_mode.sample_dir(ctx))
+    result["sample_6_of_500"] = {"network_batches": sorted(counting.batches), "saved": len(saved)}
     json.dump(result, sys.stdout)
 
 

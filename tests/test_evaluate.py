@@ -1,10 +1,12 @@
 """The evaluation program: the bound over a split against its closed form, sharded evaluation and
-generation equal to unsharded, resumption after SIGKILL, multi-process samples, the figures and
-one-line errors for bad input.
+generation equal to unsharded, resumption after SIGKILL, samples, bound and scores of 2
+processes equal to 1, the scores and figures, and one-line errors for bad input.
 
-The program runs on a tiny U-Net trained for two steps on the digits (``trained_workdir``).
-The closed-form checks evaluate the exact denoiser of a Gaussian, which stands in for the
-network in the evaluator's own ``Context``.
+The program runs on a tiny class-conditional U-Net trained for a few seconds on the digits
+(``trained_workdir``), enough for its bound and samples to be far from an untrained network's;
+one uninterrupted run of it is the reference of the resumed and the multi-process runs. The
+closed-form checks evaluate the exact denoiser of a Gaussian (or of a mixture), which stands
+in for the network in the evaluator's own ``Context``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,19 @@ import portpicker
 import pytest
 from PIL import Image
 
-from diffusion_jax import checkpointing, config_lib, evaluators, input_pipeline, schedules, sharding
+from diffusion_jax import (
+    checkpointing,
+    config_defaults,
+    config_lib,
+    digits_classifier,
+    evaluators,
+    input_pipeline,
+    metrics,
+    schedules,
+    sharding,
+)
 from diffusion_jax.evaluators import bpd, common, figures
-from tests.closed_form import expected_bound_bpd, gaussian_eps_fn
+from tests.closed_form import class_conditional_eps_fn, expected_bound_bpd, gaussian_eps_fn
 from tests.test_train import _config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -66,9 +78,34 @@ class ExactGaussianModel:
         return self._eps_fn(x_t, t)
 
 
-def _test_split_pixels() -> np.ndarray:
-    source = input_pipeline.DigitsSource("test")
+class ExactMixtureModel:
+    """The MSE-optimal eps-predictor of a class-conditional mixture of diagonal Gaussians (one
+    per class; the null label asks for the mixture's), with a conditional U-Net's ``apply``."""
+
+    def __init__(self, alphas_cumprod, means, stds):
+        self.num_classes = len(means)
+        weights = np.full(self.num_classes, 1 / self.num_classes)
+        self._eps_fn = class_conditional_eps_fn(alphas_cumprod, weights, means, stds)
+
+    def apply(self, variables, x_t, t, y, train):
+        return self._eps_fn(x_t.reshape(len(x_t), -1), t, y).reshape(x_t.shape)
+
+
+def _split_pixels(split: str = "test") -> np.ndarray:
+    """The uint8 images ``[N, 8, 8, 1]`` of a digits split."""
+    source = input_pipeline.DigitsSource(split)
     return np.stack([source[i]["image"] for i in range(len(source))])
+
+
+def gaussian_bound_bpd(num_timesteps: int, num_examples: int | None = None):
+    """``(prior, decoder L_0, [L_1 .. L_{T-1}])`` in bits/dim: the exact expected bound over
+    the digits test split (its first ``num_examples``) of the exact denoiser of the Gaussian
+    with their pixel mean and std (linear schedule, "fixed_large", no clipping, exact CDF)."""
+    pixels = _split_pixels()[:num_examples]
+    pmf = np.bincount(pixels.ravel(), minlength=256) / pixels.size
+    scaled = pixels / 127.5 - 1
+    betas = schedules.get_betas("linear", num_timesteps)
+    return expected_bound_bpd(betas, "fixed_large", pmf, scaled.mean(), scaled.std())
 
 
 def exact_gaussian_context(workdir, mesh, *, batch_size: int, num_timesteps: int = 1000):
@@ -82,9 +119,15 @@ def exact_gaussian_context(workdir, mesh, *, batch_size: int, num_timesteps: int
             "eval.batch_size": batch_size,
         }
     )
-    pixels = _test_split_pixels() / 127.5 - 1
+    pixels = _split_pixels() / 127.5 - 1
     schedule = config_lib.make_schedule(config)
     model = ExactGaussianModel(schedule.alphas_cumprod, pixels.mean(), pixels.std())
+    return closed_form_context(workdir, mesh, config, model)
+
+
+def closed_form_context(workdir, mesh, config, model) -> common.Context:
+    """An evaluation context of step 0 of ``workdir`` whose network is ``model``, a closed form
+    without parameters."""
     return common.Context(
         config=config,
         workdir=pathlib.Path(workdir),
@@ -100,11 +143,7 @@ def exact_gaussian_context(workdir, mesh, *, batch_size: int, num_timesteps: int
 def test_bound_over_the_test_split_matches_its_closed_form(tmp_path):
     ctx = exact_gaussian_context(tmp_path, sharding.make_mesh(), batch_size=128)
     result = bpd.run(ctx)
-    pixels = _test_split_pixels()
-    pmf = np.bincount(pixels.ravel(), minlength=256) / pixels.size
-    scaled = pixels / 127.5 - 1
-    betas = schedules.get_betas("linear", 1000)
-    prior, decoder, kls = expected_bound_bpd(betas, "fixed_large", pmf, scaled.mean(), scaled.std())
+    prior, decoder, kls = gaussian_bound_bpd(1000)
     with np.load(tmp_path / "eval" / "bpd_step0.npz") as saved:
         per_example = saved["example_bpd"]
     assert result["num_examples"] == len(per_example) == 297 and result["split"] == "test"
@@ -161,6 +200,13 @@ def test_generation_is_split_over_devices_and_device_count_invariant(sharded_run
     assert np.std(one["samples"]) > 0.1  # not a constant
 
 
+def test_fewer_samples_than_a_batch_compute_only_those(sharded_runs):
+    run = sharded_runs["sample_6_of_500"]
+    # 6 samples padded to 8 for 4 devices, not eval.batch_size's 500 (125 per device).
+    assert run["network_batches"] == [8]
+    assert run["saved"] == 6
+
+
 def test_classifier_free_guidance_keeps_both_branches_on_the_examples_device(sharded_runs):
     one, four = sharded_runs["guided_1"], sharded_runs["guided_4"]
     assert four["collectives"] == []
@@ -168,24 +214,66 @@ def test_classifier_free_guidance_keeps_both_branches_on_the_examples_device(sha
     assert np.std(one["samples"]) > 0.1
 
 
+TRAINED_STEPS = 60
+
+
+def trained_config():
+    """``tiny_config`` made class-conditional, trained for ``TRAINED_STEPS`` steps at a high
+    learning rate after a short warmup, its EMA close behind the parameters. 8 groups of 4
+    channels: GroupNorm over single channels would remove the per-channel offsets by which the
+    time and label embeddings enter the residual blocks (a network blind to t)."""
+    config = tiny_config(
+        **{
+            "model.num_groups": 8,
+            "optim.learning_rate": 3e-3,
+            "optim.warmup_steps": 5,
+            "optim.ema_decay": 0.9,
+            "training.num_steps": TRAINED_STEPS,
+            "training.checkpoint_every": TRAINED_STEPS,
+            "training.log_every": TRAINED_STEPS,
+        }
+    )
+    return config_defaults.make_class_conditional(config)
+
+
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
     from diffusion_jax import train
 
     workdir = tmp_path_factory.mktemp("trained")
-    train.train_and_evaluate(tiny_config(), workdir)
+    train.train_and_evaluate(trained_config(), workdir)
     return workdir
 
 
-def _evaluate_command(workdir, mode, *flags):
+def _evaluate_flags(workdir, modes, *flags) -> list[str]:
+    """The evaluation program's flags for ``workdir``: one mode, or a list run in turn."""
+    modes = [modes] if isinstance(modes, str) else modes
+    return [f"--workdir={workdir}", *(f"--mode={mode}" for mode in modes), *flags]
+
+
+def _evaluate_command(workdir, modes, *flags):
     return [
         sys.executable,
         "-m",
         "diffusion_jax.evaluate",
-        f"--workdir={workdir}",
-        f"--mode={mode}",
-        *flags,
+        *_evaluate_flags(workdir, modes, *flags),
     ]
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A reference directory of mode=fid holding the digits classifier, trained once, and no
+    reference features."""
+    directory = tmp_path_factory.mktemp("classifier")
+    digits_classifier.load_or_train(directory)
+    return directory
+
+
+def _reference_dir(classifier_dir, path) -> pathlib.Path:
+    """A new reference directory ``path`` holding the digits classifier only."""
+    path.mkdir()
+    shutil.copy(digits_classifier.cache_path(classifier_dir), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -229,12 +317,51 @@ def _copy(workdir, tmp_path, name):
     return copy
 
 
-def test_bpd_killed_and_restarted_equals_an_uninterrupted_run(trained_workdir, tmp_path, env):
-    flags = ["--config.eval.batch_size=40"]
-    straight = _copy(trained_workdir, tmp_path, "straight")
-    _run_to_end(_evaluate_command(straight, "bpd", *flags), env)
+# The settings of every run of the program on the trained network below, so that each program
+# compiles once (``env``'s cache) and one uninterrupted run is the reference of the resumed and
+# the 2-process runs: the bound (and the sampler) without clipping and with the exact CDF, as
+# the bound's closed form for a Gaussian takes it; 100 test examples and 100 samples in batches
+# of 40, the last ones padded.
+RUN_MODES = ["sample", "bpd", "fid"]
+RUN_EXAMPLES = RUN_SAMPLES = 100
+RUN_FLAGS = [
+    "--config.eval.batch_size=40",
+    f"--config.eval.num_examples={RUN_EXAMPLES}",
+    f"--config.eval.num_samples={RUN_SAMPLES}",
+    "--config.sampling.clip_denoised=False",
+    "--config.eval.exact_cdf=True",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(trained_workdir, classifier_dir, tmp_path_factory, env):
+    """``(workdir, reference_dir)``: a copy of the trained workdir after one uninterrupted run
+    of ``RUN_MODES`` in 1 process of 1 device, and the reference directory where its
+    mode=fid computed the reference features."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    workdir = root / "workdir"
+    shutil.copytree(trained_workdir, workdir)
+    reference = _reference_dir(classifier_dir, root / "reference")
+    flags = [*RUN_FLAGS, f"--config.eval.reference_dir={reference}"]
+    _run_to_end(_evaluate_command(workdir, RUN_MODES, *flags), env)
+    return workdir, reference
+
+
+def _eval_path(workdir, name) -> pathlib.Path:
+    """``workdir/eval/<name>_step<TRAINED_STEPS>``."""
+    return workdir / "eval" / f"{name}_step{TRAINED_STEPS}"
+
+
+def _eval_json(workdir, mode) -> dict:
+    return json.loads(_eval_path(workdir, mode).with_suffix(".json").read_text())
+
+
+def test_bpd_killed_and_restarted_equals_an_uninterrupted_run(
+    trained_workdir, uninterrupted, tmp_path, env
+):
+    straight, _ = uninterrupted
     resumed = _copy(trained_workdir, tmp_path, "resumed")
-    partial = resumed / "eval" / "bpd_step2.partial.npz"
+    partial = _eval_path(resumed, "bpd").with_suffix(".partial.npz")
 
     def one_batch_done():
         try:
@@ -243,22 +370,26 @@ def test_bpd_killed_and_restarted_equals_an_uninterrupted_run(trained_workdir, t
         except (OSError, ValueError, KeyError):
             return False
 
-    _kill_when(_evaluate_command(resumed, "bpd", *flags), one_batch_done, env)
+    _kill_when(_evaluate_command(resumed, "bpd", *RUN_FLAGS), one_batch_done, env)
     with np.load(partial) as saved:
-        assert 1 <= int(saved["batches_done"]) < 8  # killed mid-run
-    _run_to_end(_evaluate_command(resumed, "bpd", *flags), env)
+        assert 1 <= int(saved["batches_done"]) < 3  # killed mid-run
+    _run_to_end(_evaluate_command(resumed, "bpd", *RUN_FLAGS), env)
     assert not partial.exists()
     with (
-        np.load(straight / "eval" / "bpd_step2.npz") as a,
-        np.load(resumed / "eval" / "bpd_step2.npz") as b,
+        np.load(_eval_path(straight, "bpd").with_suffix(".npz")) as a,
+        np.load(_eval_path(resumed, "bpd").with_suffix(".npz")) as b,
     ):
         np.testing.assert_array_equal(a["example_bpd"], b["example_bpd"])
         np.testing.assert_array_equal(a["terms"], b["terms"])
-    numbers = [json.loads((d / "eval" / "bpd_step2.json").read_text()) for d in (straight, resumed)]
+    numbers = [_eval_json(d, "bpd") for d in (straight, resumed)]
     for key in ("total_bpd", "prior_bpd", "decoder_bpd", "num_examples", "terms_bpd"):
         assert numbers[0][key] == numbers[1][key]
-    assert numbers[0]["num_examples"] == 297 and numbers[0]["split"] == "test"
-    assert 0 < numbers[0]["total_bpd"] < 16
+    assert numbers[0]["num_examples"] == RUN_EXAMPLES and numbers[0]["split"] == "test"
+    # The network has learnt more than the pixels' mean and std: its bound is below that of
+    # the Gaussian's exact denoiser (6.8 bits/dim; an untrained network, eps_hat = 0, the
+    # Gaussian's std -> inf limit, gets 17.3).
+    prior, decoder, kls = gaussian_bound_bpd(trained_config().diffusion.num_timesteps, RUN_EXAMPLES)
+    assert 0 < numbers[0]["total_bpd"] < prior + decoder + kls.sum()
 
 
 def _shards(directory):
@@ -270,32 +401,42 @@ def _shards(directory):
     return [path.name for path in shards], arrays
 
 
-def test_samples_killed_and_restarted_equal_an_uninterrupted_run(trained_workdir, tmp_path, env):
-    flags = ["--config.eval.batch_size=32", "--config.eval.num_samples=150"]
-    straight = _copy(trained_workdir, tmp_path, "straight")
-    _run_to_end(_evaluate_command(straight, "sample", *flags), env)
+def test_samples_killed_and_restarted_equal_an_uninterrupted_run(
+    trained_workdir, uninterrupted, tmp_path, env
+):
+    straight, _ = uninterrupted
     resumed = _copy(trained_workdir, tmp_path, "resumed")
-    first = resumed / "eval" / "samples_step2" / "shard_000000.npz"
-    _kill_when(_evaluate_command(resumed, "sample", *flags), first.exists, env)
+    first = _eval_path(resumed, "samples") / "shard_000000.npz"
+    _kill_when(_evaluate_command(resumed, "sample", *RUN_FLAGS), first.exists, env)
     names_killed, _ = _shards(first.parent)
-    assert 1 <= len(names_killed) < 5
-    _run_to_end(_evaluate_command(resumed, "sample", *flags), env)
-    names_a, a = _shards(straight / "eval" / "samples_step2")
+    assert 1 <= len(names_killed) < 3
+    _run_to_end(_evaluate_command(resumed, "sample", *RUN_FLAGS), env)
+    names_a, a = _shards(_eval_path(straight, "samples"))
     names_b, b = _shards(first.parent)
-    assert names_a == names_b == [f"shard_{k:06d}.npz" for k in range(5)]
+    assert names_a == names_b == [f"shard_{k:06d}.npz" for k in range(3)]
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert [len(x) for x in a] == [32, 32, 32, 32, 22]
+    assert [len(x) for x in a] == [40, 40, 20]
     assert a[0].dtype == np.uint8 and a[0].shape[1:] == (8, 8, 1)
-    grid = Image.open(straight / "eval" / "samples_step2.png")
+    # The samples have the digits' mean image (dark borders, bright strokes in the middle),
+    # which noise lacks (an untrained network's samples: a correlation near 0).
+    mean_image = np.concatenate(a).mean(axis=0, dtype=np.float64).ravel()
+    data_mean_image = _split_pixels("train").mean(axis=0, dtype=np.float64).ravel()
+    correlation = np.corrcoef(mean_image, data_mean_image)[0, 1]
+    assert correlation > 0.8
+    grid = Image.open(_eval_path(straight, "samples").with_suffix(".png"))
     assert grid.size[0] == grid.size[1] > 10 * 8  # 100 samples, upscaled
 
 
-def test_samples_are_the_same_on_2_processes_of_2_devices(trained_workdir, tmp_path, env):
-    flags = ["--config.eval.batch_size=24", "--config.eval.num_samples=40"]
-    single = _copy(trained_workdir, tmp_path, "single")
-    _run_to_end(_evaluate_command(single, "sample", *flags), env)
+def test_samples_bound_and_scores_are_the_same_on_2_processes_of_2_devices(
+    trained_workdir, classifier_dir, uninterrupted, tmp_path, env
+):
+    """``RUN_MODES`` in one run of 2 processes of 2 devices, which computes its own reference
+    features, against the uninterrupted run of 1 process."""
+    single, single_reference = uninterrupted
     multi = _copy(trained_workdir, tmp_path, "multi")
+    multi_reference = _reference_dir(classifier_dir, tmp_path / "reference")
+    flags = [*RUN_FLAGS, f"--config.eval.reference_dir={multi_reference}"]
     env = dict(
         env,
         MODULE="diffusion_jax.evaluate",
@@ -303,16 +444,8 @@ def test_samples_are_the_same_on_2_processes_of_2_devices(trained_workdir, tmp_p
         PORT=str(portpicker.pick_unused_port()),
     )
     out = subprocess.run(
-        [
-            "bash",
-            str(REPO / "launch" / "local.sh"),
-            "2",
-            "2",
-            "--",
-            f"--workdir={multi}",
-            "--mode=sample",
-            *flags,
-        ],
+        ["bash", str(REPO / "launch" / "local.sh"), "2", "2", "--"]
+        + _evaluate_flags(multi, RUN_MODES, *flags),
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -320,11 +453,75 @@ def test_samples_are_the_same_on_2_processes_of_2_devices(trained_workdir, tmp_p
         timeout=TIMEOUT_S,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    names_a, a = _shards(single / "eval" / "samples_step2")
-    names_b, b = _shards(multi / "eval" / "samples_step2")
-    assert names_a == names_b and len(names_a) == 2
+    names_a, a = _shards(_eval_path(single, "samples"))
+    names_b, b = _shards(_eval_path(multi, "samples"))
+    assert names_a == names_b and len(names_a) == 3
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
+
+    with (
+        np.load(_eval_path(single, "bpd").with_suffix(".npz")) as one,
+        np.load(_eval_path(multi, "bpd").with_suffix(".npz")) as two,
+    ):
+        assert one["example_bpd"].shape == (RUN_EXAMPLES,)
+        assert np.all(np.isfinite(one["example_bpd"]))
+        np.testing.assert_allclose(two["example_bpd"], one["example_bpd"], rtol=1e-6)
+        np.testing.assert_allclose(two["terms"], one["terms"], rtol=1e-6)
+    bound = [_eval_json(d, "bpd") for d in (single, multi)]
+    assert bound[1]["num_examples"] == bound[0]["num_examples"] == RUN_EXAMPLES
+    assert bound[1]["total_bpd"] == pytest.approx(bound[0]["total_bpd"], rel=1e-6)
+
+    scores = [_eval_json(d, "fid") for d in (single, multi)]
+    for key in ("num_samples", "reference", "feature_network", "classifier_test_accuracy"):
+        assert scores[1][key] == scores[0][key]
+    assert scores[0]["num_samples"] == RUN_SAMPLES
+    assert scores[0]["reference"]["num_examples"] == 1500
+    for key in (
+        "fid",
+        "inception_score",
+        "inception_score_std",
+        "kid",
+        "kid_std",
+        "precision",
+        "recall",
+        "label_agreement",
+        "fid_real_test",
+        "fid_samples_at_real_test_n",
+    ):
+        assert scores[1][key] == pytest.approx(scores[0][key], rel=1e-5), key
+    [one], [two] = (sorted(d.glob("digits-*.npz")) for d in (single_reference, multi_reference))
+    assert one.name == two.name
+    np.testing.assert_allclose(np.load(two)["features"], np.load(one)["features"], rtol=1e-5)
+
+
+def test_fid_mode_precision_is_of_the_samples_and_recall_of_the_data(
+    trained_workdir, classifier_dir, tmp_path
+):
+    """Samples that are the train split's zeros, scored against the train split: every sample
+    lies on the data's manifold (precision 1), and covers a small part of it (recall)."""
+    images, labels = digits_classifier.split_arrays("train")
+    zeros = images[labels == 0]
+    samples_dir = tmp_path / "zeros"
+    samples_dir.mkdir()
+    np.savez(samples_dir / "shard_000000.npz", images=zeros)
+    workdir = _copy(trained_workdir, tmp_path, "fid")
+    overrides = {
+        "eval.sample_dir": str(samples_dir),
+        "eval.num_samples": len(zeros),
+        "eval.reference_dir": str(classifier_dir),
+    }
+    result = evaluators.evaluate(workdir, "fid", overrides=overrides)
+    assert result["reference"] == {"split": "train", "num_examples": len(images)}
+    # Each sample is a reference image: at distance 0 from the centre of its ball.
+    assert result["precision"] == 1.0
+    # The real zeros lie in the balls of the samples, some real images next to them too.
+    params = digits_classifier.load_or_train(classifier_dir)
+    _, recall = metrics.precision_recall(
+        digits_classifier.features(params, images)["features"],
+        digits_classifier.features(params, zeros)["features"],
+    )
+    assert result["recall"] == pytest.approx(recall, abs=3 / len(images))  # 3 borderline images
+    assert len(zeros) / len(images) <= result["recall"] < 0.2
 
 
 def test_rate_distortion_from_hand_made_terms():
@@ -336,7 +533,7 @@ def test_rate_distortion_from_hand_made_terms():
     )
 
 
-def test_figures_of_a_trained_model(trained_workdir, tmp_path):
+def test_figures_of_a_trained_class_conditional_model(trained_workdir, tmp_path):
     workdir = _copy(trained_workdir, tmp_path, "figures")
     result = evaluators.evaluate(workdir, "figures", overrides={"eval.batch_size": 100})
     files = {name: pathlib.Path(path) for name, path in result["figures"].items()}
@@ -350,12 +547,64 @@ def test_figures_of_a_trained_model(trained_workdir, tmp_path):
     # Fig. 9: 2 pairs x 3 values of t; image a, 11 decodings, image b.
     assert Image.open(files["interpolation"]).size == (13 * cell - scale, 6 * cell - scale)
     curve = json.loads((files["rate_distortion"].parent / "rate_distortion.json").read_text())
-    bound = json.loads((workdir / "eval" / "bpd_step2.json").read_text())
+    bound = _eval_json(workdir, "bpd")
     rate = np.asarray(curve["rate_bpd"])
     assert len(rate) == 51 and np.all(np.diff(rate) >= 0)  # KL terms are >= 0
     assert rate[-1] == pytest.approx(bound["total_bpd"], rel=1e-6)
     assert rate[0] == pytest.approx(bound["prior_bpd"], rel=1e-6)
     assert curve["distortion_rmse"][-1] == 0.0 and curve["distortion_rmse"][0] > 30
+
+
+def _figure_cells(path, cols: int, size: int = 8) -> np.ndarray:
+    """The images ``[rows, cols, size, size]`` in [-1, 1] of a figure's grid of ``cols``
+    columns (upscaled, 1-pixel separators)."""
+    step = size + 1
+    grid = np.asarray(Image.open(path), np.float64)
+    scale = grid.shape[1] // (cols * step - 1)
+    grid = grid[::scale, ::scale] / 127.5 - 1
+    rows = (grid.shape[0] + 1) // step
+    return np.array(
+        [
+            [grid[r * step : r * step + size, k * step : k * step + size] for k in range(cols)]
+            for r in range(rows)
+        ]
+    )
+
+
+def test_figures_of_a_class_conditional_model_label_each_chain_as_generation_does(tmp_path):
+    """The exact denoiser of a mixture whose class c is every pixel near m_c: a chain's label
+    shows as its images' mean (the cycled labels 7, 2, 5, ...: sample, image and pair i get
+    the label of generated sample i)."""
+    config = config_defaults.make_class_conditional(
+        tiny_config(
+            **{
+                "sampling.clip_denoised": False,
+                "sampling.labels": (7, 2, 5),
+                "eval.num_examples": 8,
+                "eval.batch_size": 8,
+            }
+        )
+    )
+    class_means = np.linspace(-0.9, 0.9, 10)  # 0.2 apart
+    model = ExactMixtureModel(
+        config_lib.make_schedule(config).alphas_cumprod,
+        np.repeat(class_means[:, None], 64, axis=1),
+        np.full((10, 64), 0.05),
+    )
+    ctx = closed_form_context(tmp_path, sharding.make_mesh(), config, model)
+    files = figures.run(ctx)["figures"]
+
+    def labels_shown(cells):
+        return np.round((cells.mean(axis=(-2, -1)) - class_means[0]) / 0.2).astype(int)
+
+    progressive = _figure_cells(files["progressive"], cols=11)[:, -1]  # the samples
+    np.testing.assert_array_equal(labels_shown(progressive), [7, 2, 5, 7, 2, 5, 7, 2])
+    # Rows: image 0 at 4 values of t, then image 1; its 6 samples after the image and x_t.
+    shared = _figure_cells(files["shared_latent"], cols=8)[:, 2:]
+    np.testing.assert_array_equal(labels_shown(shared), np.repeat([[7] * 6, [2] * 6], 4, axis=0))
+    # Rows: pair 0 at 3 values of t, then pair 1; its 11 decodings between the two images.
+    decoded = _figure_cells(files["interpolation"], cols=13)[:, 1:-1]
+    np.testing.assert_array_equal(labels_shown(decoded), np.repeat([[7] * 11, [2] * 11], 3, axis=0))
 
 
 def test_bad_input_is_one_line_and_writes_nothing(trained_workdir, tmp_path, env):
@@ -364,7 +613,7 @@ def test_bad_input_is_one_line_and_writes_nothing(trained_workdir, tmp_path, env
     with pytest.raises(
         checkpointing.CheckpointError,
         match=r"No checkpoint of step 7 in .*; "
-        r"available steps: 2",
+        rf"available steps: {TRAINED_STEPS}",
     ):
         evaluators.evaluate(workdir, "bpd", step=7)
     with pytest.raises(config_lib.ConfigError, match="'eval.num_samples' must be >= 1, got 0"):
@@ -396,7 +645,7 @@ def test_sample_directory_of_other_settings_is_not_mixed(trained_workdir, tmp_pa
     workdir = _copy(trained_workdir, tmp_path, "mixed")
     overrides = {"eval.batch_size": 16, "eval.num_samples": 16}
     evaluators.evaluate(workdir, "sample", overrides=overrides)
-    shard = workdir / "eval" / "samples_step2" / "shard_000000.npz"
+    shard = _eval_path(workdir, "samples") / "shard_000000.npz"
     written = shard.read_bytes()
     with pytest.raises(
         ValueError,

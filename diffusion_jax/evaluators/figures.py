@@ -13,7 +13,11 @@ Written to ``eval/figures_step<N>/``:
     steps the rate (bits/dim received: L_prior plus the last n terms of the bound) and the
     distortion (RMSE of the x0 predicted from the current x_t, on the 0..255 scale), from the
     ``bpd`` mode's per-timestep sums (read from ``eval/bpd_step<N>.json``, else computed).
-All chains use the sampler's schedule (``sampling.num_steps``); t is its zero-based index.
+All chains run the sampler of ``sampling.*`` (its schedule, method and guidance); t is the
+zero-based index of its steps. With class labels (a class-conditional model, classifier
+guidance), the chains of sample i (Fig. 6), test image i (Fig. 7) and pair i (Fig. 9) get the
+label generated sample i gets: label i of the cycled ``sampling.labels``
+(``generate.sample_labels``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import config_lib, diffusion, generate, input_pipeline, reporting, sampling
+from diffusion_jax import (
+    config_lib,
+    diffusion,
+    generate,
+    input_pipeline,
+    pretrained,
+    reporting,
+    sampling,
+)
 from diffusion_jax.evaluators import bpd, common
 
 # The figures follow DDPM's discrete chain (its timesteps, its variational bound's terms).
@@ -61,65 +73,87 @@ def _test_images(ctx: common.Context, num: int) -> np.ndarray:
 
 
 class _Chains:
-    """The sampler functions the figures use, jitted with the parameters as an argument."""
+    """The sampler's chains the figures run, each jitted with the parameters (the network's
+    and a guidance classifier's) and the labels as arguments."""
 
     def __init__(self, ctx: common.Context):
         config = ctx.config
         self.schedule = config_lib.make_sampling_schedule(config)
         self.options = config_lib.sampler_options(config)
         self.ctx = ctx
-        self.model = ctx.model
-        if self.model.num_classes is not None:
-            raise ValueError("figures: class-conditional models are not supported yet")
+        self.num_classes = input_pipeline.dataset_spec(config.data)[1]
+        self.classifier = pretrained.load_classifier(config, ctx.mesh)
 
-    def _model_fn(self, params):
-        return lambda x_t, t: self.model.apply({"params": params}, x_t, t, None, train=False)
+    def _run(self, chain, indices, *args):
+        """``chain(model_fn, *args)`` on the host, ``model_fn`` given the labels of samples
+        ``indices`` (one per row of its batch)."""
+        labels = generate.sample_labels(self.ctx.config, self.num_classes, indices)
+        classifier_params = self.classifier and self.classifier.params
+
+        @jax.jit
+        def run(params, classifier_params, labels, *args):
+            model_fn = generate.sampler_model_fn(
+                self.ctx.config, self.ctx.model, params, labels, self.classifier, classifier_params
+            )
+            return chain(model_fn, *args)
+
+        return generate.to_host(run(self.ctx.params, classifier_params, labels, *args))
 
     def progressive(self, keys, record_every: int):
-        @jax.jit
-        def run(params, keys):
+        """Samples ``i`` (a chain per key ``i``) and their trajectories."""
+
+        def chain(model_fn, keys):
             shape = (keys.shape[0],) + self.ctx.image_shape
             return sampling.sample(
-                self._model_fn(params),
-                self.schedule,
-                shape,
-                keys,
-                record_every=record_every,
-                **self.options,
+                model_fn, self.schedule, shape, keys, record_every=record_every, **self.options
             )
 
-        return generate.to_host(run(self.ctx.params, keys))
+        return self._run(chain, np.arange(len(keys)), keys)
 
-    def from_x_t(self, x_t, keys, start_step: int):
-        @jax.jit
-        def run(params, x_t, keys):
-            return sampling.sample(
-                self._model_fn(params),
-                self.schedule,
-                x_t.shape,
-                keys,
-                x_start=x_t,
-                start_step=start_step,
-                **self.options,
-            )
+    def from_x_t(self, x_ts, keys, indices, start_steps):
+        """Samples of ``p(x0 | x_t)`` for each ``x_t`` of ``x_ts`` at its step of
+        ``start_steps`` (their ``keys``), in one program; row ``j`` of each with the label of
+        sample ``indices[j]``."""
 
-        return generate.to_host(run(self.ctx.params, x_t, keys))
+        def chain(model_fn, x_ts, keys):
+            return [
+                sampling.sample(
+                    model_fn,
+                    self.schedule,
+                    x_t.shape,
+                    keys_t,
+                    x_start=x_t,
+                    start_step=t,
+                    **self.options,
+                )
+                for x_t, keys_t, t in zip(x_ts, keys, start_steps, strict=True)
+            ]
 
-    def interpolate(self, x0_a, x0_b, rng, start_step: int):
-        @jax.jit
-        def run(params, x0_a, x0_b, rng):
-            return sampling.interpolate(
-                self._model_fn(params),
-                self.schedule,
-                x0_a,
-                x0_b,
-                LAMBDAS,
-                rng,
-                start_step=start_step,
-                **self.options,
-            )
+        return self._run(chain, indices, x_ts, keys)
 
-        return generate.to_host(run(self.ctx.params, x0_a, x0_b, rng))
+    def interpolate(self, x0_a, x0_b, rngs, start_steps):
+        """``[len(LAMBDAS), B, ...]`` decodings through the latents at each step of
+        ``start_steps`` (with its key of ``rngs``), in one program; pair ``i`` with the label
+        of sample ``i``."""
+
+        def chain(model_fn, x0_a, x0_b, rngs):
+            return [
+                sampling.interpolate(
+                    model_fn,
+                    self.schedule,
+                    x0_a,
+                    x0_b,
+                    LAMBDAS,
+                    rng,
+                    start_step=t,
+                    **self.options,
+                )
+                for rng, t in zip(rngs, start_steps, strict=True)
+            ]
+
+        # The chain's batch is lambda-major: row l * B + i decodes pair i.
+        indices = np.tile(np.arange(len(x0_a)), len(LAMBDAS))
+        return self._run(chain, indices, x0_a, x0_b, rngs)
 
 
 def _progressive(chains: _Chains, seed: int, out_dir) -> str:
@@ -135,26 +169,32 @@ def _progressive(chains: _Chains, seed: int, out_dir) -> str:
 
 def _shared_latent(chains: _Chains, images: np.ndarray, seed: int, out_dir) -> str:
     schedule = chains.schedule
-    rows = {}
-    for t in _steps_at(SHARED_FRACTIONS, schedule.num_timesteps):
+    steps = _steps_at(SHARED_FRACTIONS, schedule.num_timesteps)
+    x_ts, sample_keys = [], []
+    for t in steps:
         t_batch = jnp.full((len(images),), t, jnp.int32)
         keys = common.example_keys(seed + t, np.arange(len(images) * (1 + NUM_SHARED_SAMPLES)))
         noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:]))(keys[: len(images)])
-        x_t = np.asarray(diffusion.q_sample(schedule, images, t_batch, noise))
-        repeated = np.repeat(x_t, NUM_SHARED_SAMPLES, axis=0)
-        samples = chains.from_x_t(repeated, keys[len(images) :], t)
-        samples = samples.reshape((len(images), NUM_SHARED_SAMPLES) + images.shape[1:])
+        x_ts.append(np.asarray(diffusion.q_sample(schedule, images, t_batch, noise)))
+        sample_keys.append(keys[len(images) :])
+    repeated = [np.repeat(x_t, NUM_SHARED_SAMPLES, axis=0) for x_t in x_ts]
+    image_index = np.repeat(np.arange(len(images)), NUM_SHARED_SAMPLES)
+    samples = chains.from_x_t(repeated, sample_keys, image_index, steps)
+    rows = {}
+    for t, x_t, samples_t in zip(steps, x_ts, samples, strict=True):
+        samples_t = samples_t.reshape((len(images), NUM_SHARED_SAMPLES) + images.shape[1:])
         for i in range(len(images)):
-            rows[i, t] = np.concatenate([images[i : i + 1], x_t[i : i + 1], samples[i]])
+            rows[i, t] = np.concatenate([images[i : i + 1], x_t[i : i + 1], samples_t[i]])
     grid = np.concatenate([rows[key] for key in sorted(rows, key=lambda k: (k[0], -k[1]))])
     return _save(out_dir / "shared_latent.png", grid, cols=2 + NUM_SHARED_SAMPLES)
 
 
 def _interpolation(chains: _Chains, images: np.ndarray, seed: int, out_dir) -> str:
     first, second = images[0::2], images[1::2]  # pairs (0, 1) and (2, 3)
+    steps = _steps_at(INTERPOLATION_FRACTIONS, chains.schedule.num_timesteps)
+    rngs = [jax.random.PRNGKey(seed + t) for t in steps]
     rows = {}
-    for t in _steps_at(INTERPOLATION_FRACTIONS, chains.schedule.num_timesteps):
-        decoded = chains.interpolate(first, second, jax.random.PRNGKey(seed + t), t)
+    for t, decoded in zip(steps, chains.interpolate(first, second, rngs, steps), strict=True):
         for i in range(len(first)):
             rows[i, t] = np.concatenate([first[i : i + 1], decoded[:, i], second[i : i + 1]])
     grid = np.concatenate([rows[key] for key in sorted(rows, key=lambda k: (k[0], -k[1]))])

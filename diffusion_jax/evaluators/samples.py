@@ -72,18 +72,21 @@ def run(ctx: common.Context) -> dict:
     _check_meta(directory, meta)
     if ctx.is_main:
         common.write_json(directory / "meta.json", meta)
-    num_shards = -(-num // batch_size)
-    paths = [directory / f"shard_{k:06d}.npz" for k in range(num_shards)]
+    counts = [min(batch_size, num - start) for start in range(0, num, batch_size)]  # per shard
+    paths = [directory / f"shard_{k:06d}.npz" for k in range(len(counts))]
     # Every process decides from the same files (a shared file system), so all of them take
     # part in the same sharded calls.
     todo = [k for k, path in enumerate(paths) if not path.exists()]
+    # One compiled program of counts[0] samples (padded to a multiple of the device count) for
+    # every shard: fewer samples than a batch are all it computes; the short last shard of
+    # several computes a whole batch rather than compile a second program.
     generate_fn = generate.make_generate_fn(
-        cfg, ctx.model, ctx.mesh, ctx.param_sharding, batch_size, classifier
+        cfg, ctx.model, ctx.mesh, ctx.param_sharding, counts[0], classifier
     )
     rng = jax.random.PRNGKey(cfg.eval.seed)
-    progress = common.Progress("sample", num, "samples", done=(num_shards - len(todo)) * batch_size)
+    progress = common.Progress("sample", num, "samples", done=num - sum(counts[k] for k in todo))
     for k in todo:
-        count = min(batch_size, num - k * batch_size)
+        count = counts[k]
         images = generate.to_host(generate_fn(ctx.params, rng, k * batch_size))[:count]
         if ctx.is_main:
             arrays = {"images": generate.to_uint8(images)}
@@ -96,13 +99,12 @@ def run(ctx: common.Context) -> dict:
     if ctx.is_main:
         grid, labels = load_samples(directory, limit=GRID_SIZE, with_labels=True)
         reporting.save_sample_grid(grid_path, grid.astype(np.float32) / 127.5 - 1.0, labels)
-    generated = len(todo) * batch_size
     return {
         "num_samples": num,
         "sample_dir": str(directory),
-        "num_shards": num_shards,
+        "num_shards": len(counts),
         "shards_generated_now": len(todo),
-        "samples_per_s": progress.rate(progress.start_done + generated) if todo else None,
+        "samples_per_s": progress.rate(num) if todo else None,
         "grid": str(grid_path),
         "sampling": meta["sampling"],
         "num_evaluations": config_lib.num_evaluations(cfg),  # network evaluations per sample
