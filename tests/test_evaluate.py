@@ -91,9 +91,8 @@ class ExactMixtureModel:
         return self._eps_fn(x_t.reshape(len(x_t), -1), t, y).reshape(x_t.shape)
 
 
-def _split_pixels(split: str = "test") -> np.ndarray:
-    """The uint8 images ``[N, 8, 8, 1]`` of a digits split."""
-    source = input_pipeline.DigitsSource(split)
+def _test_split_pixels() -> np.ndarray:
+    source = input_pipeline.DigitsSource("test")
     return np.stack([source[i]["image"] for i in range(len(source))])
 
 
@@ -101,7 +100,7 @@ def gaussian_bound_bpd(num_timesteps: int, num_examples: int | None = None):
     """``(prior, decoder L_0, [L_1 .. L_{T-1}])`` in bits/dim: the exact expected bound over
     the digits test split (its first ``num_examples``) of the exact denoiser of the Gaussian
     with their pixel mean and std (linear schedule, "fixed_large", no clipping, exact CDF)."""
-    pixels = _split_pixels()[:num_examples]
+    pixels = _test_split_pixels()[:num_examples]
     pmf = np.bincount(pixels.ravel(), minlength=256) / pixels.size
     scaled = pixels / 127.5 - 1
     betas = schedules.get_betas("linear", num_timesteps)
@@ -119,7 +118,7 @@ def exact_gaussian_context(workdir, mesh, *, batch_size: int, num_timesteps: int
             "eval.batch_size": batch_size,
         }
     )
-    pixels = _split_pixels() / 127.5 - 1
+    pixels = _test_split_pixels() / 127.5 - 1
     schedule = config_lib.make_schedule(config)
     model = ExactGaussianModel(schedule.alphas_cumprod, pixels.mean(), pixels.std())
     return closed_form_context(workdir, mesh, config, model)
@@ -421,7 +420,8 @@ def test_samples_killed_and_restarted_equal_an_uninterrupted_run(
     # The samples have the digits' mean image (dark borders, bright strokes in the middle),
     # which noise lacks (an untrained network's samples: a correlation near 0).
     mean_image = np.concatenate(a).mean(axis=0, dtype=np.float64).ravel()
-    data_mean_image = _split_pixels("train").mean(axis=0, dtype=np.float64).ravel()
+    train_images, _ = digits_classifier.split_arrays("train")
+    data_mean_image = train_images.mean(axis=0, dtype=np.float64).ravel()
     correlation = np.corrcoef(mean_image, data_mean_image)[0, 1]
     assert correlation > 0.8
     grid = Image.open(_eval_path(straight, "samples").with_suffix(".png"))

@@ -17,7 +17,8 @@ All chains run the sampler of ``sampling.*`` (its schedule, method and guidance)
 zero-based index of its steps. With class labels (a class-conditional model, classifier
 guidance), the chains of sample i (Fig. 6), test image i (Fig. 7) and pair i (Fig. 9) get the
 label generated sample i gets: label i of the cycled ``sampling.labels``
-(``generate.sample_labels``).
+(``generate.sample_labels``). Each figure's chains, at all of its values of t, run as one
+compiled program.
 """
 
 from __future__ import annotations
