@@ -72,6 +72,7 @@ def make_bound_fn(ctx: common.Context):
             network(params, y), objective, x, probe_keys, num_steps=config.eval.ode_steps
         )
         dims = x[0].size
+        # prior_bpd: the prior's -log p_T(x_T) in bits/dim, not a KL as in the bound.
         return {
             "total_bpd": likelihood.bits_per_dim(out["log_likelihood"], dims),
             "prior_bpd": -out["prior"] / (dims * np.log(2.0)),
@@ -200,7 +201,8 @@ def summary(result: dict) -> str:
     if result["likelihood"] == ODE:
         return (
             f"{result['total_bpd']:.4f} bits/dim (probability-flow ODE NLL of the dequantised "
-            f"data, {result['ode_steps']} Heun steps) on {where} (prior {result['prior_bpd']:.5f})"
+            f"data, {result['ode_steps']} Heun steps) on {where} (prior term -log p_T(x_T): "
+            f"{result['prior_bpd']:.3f})"
         )
     return (
         f"{result['total_bpd']:.4f} bits/dim (variational bound) on {where} (prior "
