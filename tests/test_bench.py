@@ -69,6 +69,7 @@ def _assert_positive(line, keys):
         assert isinstance(line[key], (int, float)) and line[key] > 0, (key, line)
 
 
+@pytest.mark.slow  # long end to end: runs in CI's slow pass
 def test_bench_scripts_print_json_lines(tmp_path):
     sampler, train = _start("sampler.py", SAMPLER_ARGS), _start("train.py", TRAIN_ARGS)
     profile = _start("profile_train.py", PROFILE_ARGS + ["--logdir", str(tmp_path)])

@@ -201,6 +201,7 @@ def _first_global_batch(data_dir) -> np.ndarray:
     return images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
 
 
+@pytest.mark.slow  # long end to end: runs in CI's slow pass
 @needs_tensorflow
 def test_cifar10_command_prepares_from_local_files_and_trains(tmp_path, monkeypatch, capsys):
     """The headline command (a smaller network), offline, on a data_dir holding the downloaded

@@ -730,6 +730,7 @@ def _direct_inception(weights, images):
     return np.asarray(out["pool3"], np.float64), np.asarray(out["logits"], np.float64)
 
 
+@pytest.mark.slow  # long end to end: runs in CI's slow pass
 def test_fid_mode_equals_a_direct_computation_and_caches_the_reference(cifar_workdir):
     import tensorflow_datasets as tfds
 
@@ -765,6 +766,7 @@ def test_fid_mode_equals_a_direct_computation_and_caches_the_reference(cifar_wor
     assert again["fid"] == result["fid"] and again["kid"] == result["kid"]
 
 
+@pytest.mark.slow  # long end to end: runs in CI's slow pass
 def test_fid_bad_input_is_one_line_and_loses_nothing(cifar_workdir, tmp_path):
     from diffusion_jax import inception
 

@@ -828,6 +828,7 @@ def test_cifar10_config_reduced_network_on_mock_data(tmp_path):
     assert _steps(tmp_path) == [1]
 
 
+@pytest.mark.slow  # long end to end: runs in CI's slow pass
 def test_improved_ddpm_config_reduced_network_on_mock_data(tmp_path):
     config = _config("cifar10_improved", **{**_REDUCED_NETWORK, "training.num_steps": 2})
     with tfds.testing.mock_data(num_examples=8):
@@ -854,6 +855,7 @@ def test_cifar10_config_full_network_on_mock_data(tmp_path):
     assert sum(leaf.size for leaf in jax.tree_util.tree_leaves(state["params"])) == 35_746_307
 
 
+@pytest.mark.slow  # long end to end: runs in CI's slow pass
 def test_bfloat16_class_conditional_run_with_a_sample_grid(cache_dir, tmp_path, monkeypatch):
     """One short run covers three features no other run trains with. bfloat16 compute: the
     loss falls, parameters stay float32. Class labels: the batches' labels, and only those,
@@ -1126,6 +1128,7 @@ print(json.dumps(counts))
 """
 
 
+@pytest.mark.slow  # long end to end: runs in CI's slow pass
 def test_accumulation_program_on_four_devices():
     """The compiled step on 4 CPU devices: the scan holds one copy of the network whatever the
     number of micro-batches, the loop one per micro-batch; and taking the micro-batches moves
