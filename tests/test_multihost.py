@@ -170,6 +170,19 @@ def test_resume_four_device_checkpoint_on_two_processes(reference_run, tmp_path)
         assert json.loads(position.read_text()) == {"next_index": K + 2}
 
 
+# Execs the launcher with SIGINT and SIGTERM at their defaults and no signal blocked, as a
+# terminal starts it. The test process may not be like that: a library loaded by an earlier
+# test can leave SIGINT ignored at the C level (invisible to signal.getsignal), children inherit
+# that, and bash cannot trap a signal that was ignored when it started.
+_EXEC_WITH_DEFAULT_SIGNALS = """
+import os, signal, sys
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_SETMASK, [])
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
 @pytest.fixture
 def start_local_sh():
     """Starts ``launch/local.sh`` in a process group of its own, killed as a whole when the test
@@ -178,7 +191,11 @@ def start_local_sh():
 
     def start(args: list[str], env: dict[str, str], **popen_kwargs) -> subprocess.Popen:
         launcher = subprocess.Popen(
-            [str(LOCAL_SH), *args], cwd=REPO, env=env, start_new_session=True, **popen_kwargs
+            [sys.executable, "-c", _EXEC_WITH_DEFAULT_SIGNALS, str(LOCAL_SH), *args],
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+            **popen_kwargs,
         )
         launchers.append(launcher)
         return launcher
