@@ -24,23 +24,17 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import noise
-from diffusion_jax import process as process_lib
+from diffusion_jax import noise, ode_sampling
 
 _LN2 = math.log(2.0)
 
 
 def _drift_and_divergence(model_fn, objective, probe):
     """``(x, t scalar) -> (dx/dt [B, ...], div [B])`` with Hutchinson's divergence."""
-
-    def velocity(x, t):
-        t_batch = jnp.full((x.shape[0],), t, x.dtype)
-        output = model_fn(*objective.network_inputs(x, t_batch))
-        x0, eps = objective.denoise(output, x, t_batch)
-        return process_lib.velocity(objective.process, t_batch, x0, eps)
+    velocity = ode_sampling.velocity_fn(model_fn, objective)
 
     def drift_and_divergence(x, t):
-        v, jvp = jax.jvp(lambda y: velocity(y, t), (x,), (probe,))
+        v, jvp, _ = jax.jvp(lambda y: velocity(y, t), (x,), (probe,), has_aux=True)
         return v, jnp.sum((jvp * probe).reshape(x.shape[0], -1), axis=-1)
 
     return drift_and_divergence

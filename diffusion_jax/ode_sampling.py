@@ -60,11 +60,12 @@ def _method(name: str) -> Method:
     return METHODS[name]
 
 
-def _velocity_fn(model_fn, objective):
-    """``(x, t scalar) -> (dx/dt, x0)`` of the objective's probability-flow ODE."""
+def velocity_fn(model_fn, objective):
+    """``(x, t scalar) -> (dx/dt, x0)`` of the objective's probability-flow ODE, for the bare
+    network ``model_fn`` (the objective preconditions it)."""
 
     def velocity(x, t):
-        t_batch = jnp.full((x.shape[0],), t, jnp.float32)
+        t_batch = jnp.full((x.shape[0],), t, x.dtype)
         output = model_fn(*objective.network_inputs(x, t_batch))
         x0, eps = objective.denoise(output, x, t_batch)
         return process_lib.velocity(objective.process, t_batch, x0, eps), x0
@@ -145,7 +146,7 @@ def sample(
         x_start = float(process.sigma(times[0])) * noise.normal(start_key, shape)
     elif tuple(x_start.shape) != tuple(shape):
         raise ValueError(f"x_start has shape {x_start.shape}, expected {tuple(shape)}")
-    velocity = _velocity_fn(model_fn, objective)
+    velocity = velocity_fn(model_fn, objective)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
 
     def step(x, i, t_cur, t_next, gamma_i, second_order):
