@@ -102,7 +102,7 @@ def get_config():
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 64
     # ddpm: any of diffusion_jax.sampling.SAMPLING_METHODS; edm and flow: any of
-    # diffusion_jax.ode_sampling.METHODS (euler, heun, edm_stochastic).
+    # diffusion_jax.ode_sampling.METHODS (euler, heun, edm_stochastic, dpmpp_2m, dpmpp_3m).
     sampling.method = "ancestral"
     # Grid steps: ddpm: 0 = all T, else this many timesteps picked by `spacing`; edm and flow:
     # the steps of the objective's time grid (>= 1). Network evaluations are as many (heun and

@@ -1,5 +1,6 @@
-"""Samplers of the continuous-time objectives (``objectives.EDM``, ``objectives.Flow``): Euler
-and Heun on the probability-flow ODE, and EDM's stochastic sampler, each one ``lax.scan``.
+"""Samplers of the continuous-time objectives (``objectives.EDM``, ``objectives.Flow``): Euler,
+Heun and DPM-Solver++ on the probability-flow ODE, and EDM's stochastic sampler, each one
+``lax.scan``.
 
 The ODE is the one of the objective's process (``process.velocity``):
 ``dx/dt = alpha'(t) D(x, t) + sigma'(t) eps(x, t)`` with ``(D, eps) = objective.denoise(...)``,
@@ -12,7 +13,12 @@ matching ``dx/dt = v`` on equal (shifted) steps of t. Methods (``METHODS``):
   - ``edm_stochastic``: EDM's Algorithm 2: before each Heun step, noise raises the noise
     level ``r = sigma / alpha`` to ``r (1 + gamma)``, ``gamma = min(churn / N, sqrt 2 - 1)``
     where ``s_tmin <= r <= s_tmax`` (else 0), with noise of standard deviation
-    ``s_noise sqrt(r_hat^2 - r^2)`` in ``x / alpha``; ``2 num_steps - 1`` evaluations.
+    ``s_noise sqrt(r_hat^2 - r^2)`` in ``x / alpha``; ``2 num_steps - 1`` evaluations;
+  - ``dpmpp_2m``, ``dpmpp_3m``: DPM-Solver++ multistep of order 2 and 3 (``dpm_solver``) in
+    ``lambda = log(alpha / sigma)`` of the process, on the same grid: ``num_steps``
+    evaluations. Flow matching's first step leaves ``lambda = -inf`` (pure noise): it is exact
+    there (first order is), and makes the next steps' extrapolation through it vanish, so they
+    are of lower order.
 
 ``model_fn(x_in, noise_input) -> output`` is the bare network (the objective adds its
 preconditioning); keys as in ``sampling.sample``: one key, or one per sample (``noise``).
@@ -27,25 +33,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import noise
+from diffusion_jax import dpm_solver, noise
 from diffusion_jax import process as process_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """``stochastic``: adds noise before each step (EDM's churn); ``second_order``: Heun."""
+    """``second_order``: Heun; ``stochastic``: adds noise before each step (EDM's churn);
+    ``multistep``: the order of a DPM-Solver++ multistep method (0: none)."""
 
-    second_order: bool
+    second_order: bool = False
     stochastic: bool = False
+    multistep: int = 0
 
     def num_evaluations(self, num_steps: int) -> int:
         return 2 * num_steps - 1 if self.second_order else num_steps
 
 
 METHODS = {
-    "euler": Method(second_order=False),
+    "euler": Method(),
     "heun": Method(second_order=True),
     "edm_stochastic": Method(second_order=True, stochastic=True),
+    "dpmpp_2m": Method(multistep=2),
+    "dpmpp_3m": Method(multistep=3),
 }
 
 
@@ -148,24 +158,36 @@ def sample(
         raise ValueError(f"x_start has shape {x_start.shape}, expected {tuple(shape)}")
     velocity = velocity_fn(model_fn, objective)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
+    # DPM-Solver++'s grid in lambda = log(alpha / sigma) (-inf at pure noise, inf at the data).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alphas, sigmas = np.asarray(process.alpha(times)), np.asarray(process.sigma(times))
+        lambdas = np.log(alphas) - np.log(sigmas)
+        sigma_ratios = sigmas[1:] / sigmas[:-1]
+    h = np.diff(lambdas)
 
-    def step(x, i, t_cur, t_next, gamma_i, second_order):
+    def step(state, i, t_cur, t_next, gamma_i, h_i, ratio_i, alpha_next, last=False):
+        x, history = state
         if method_.stochastic:
             z = s_noise * noise.normal(noise.fold_in(chain_key, i), shape)
             x_hat, t_hat = _churn(process, x, t_cur, gamma_i, z)
             x, t_cur = jnp.where(gamma_i > 0, x_hat, x), jnp.where(gamma_i > 0, t_hat, t_cur)
         v, x0 = velocity(x, t_cur)
+        if method_.multistep and not last:
+            return dpm_solver.step(method_.multistep, x, x0, i, h_i, ratio_i, alpha_next, history)
         x_next = x + (t_next - t_cur) * v
-        if second_order:
+        if method_.second_order and not last:
             v_next, _ = velocity(x_next, t_next)
             x_next = x + (t_next - t_cur) * 0.5 * (v + v_next)
-        return x_next
+        return x_next, history
 
-    def body(x, xs):
-        return step(x, *xs, second_order=method_.second_order), None
+    def body(state, xs):
+        return step(state, *xs), None
 
-    # Every step but the last in the scan; the last (to sigma = 0) is Euler outside it.
-    xs = (jnp.arange(num_steps - 1), f32(times[:-2]), f32(times[1:-1]), f32(gamma[:-1]))
-    x, _ = jax.lax.scan(body, x_start, xs)
-    last = num_steps - 1
-    return step(x, last, f32(times[-2]), f32(times[-1]), f32(gamma[-1]), second_order=False)
+    # Every step but the last in the scan; the last (to sigma = 0, lambda = inf) is Euler
+    # outside it: x0 = D for every method.
+    grid = (f32(times[:-1]), f32(times[1:]), f32(gamma), f32(h), f32(sigma_ratios), f32(alphas[1:]))
+    history = dpm_solver.init_history(method_.multistep, x_start) if method_.multistep else None
+    xs = (jnp.arange(num_steps - 1),) + tuple(a[:-1] for a in grid)
+    state, _ = jax.lax.scan(body, (x_start, history), xs)
+    last = tuple(a[-1] for a in grid)
+    return step(state, num_steps - 1, *last, last=True)[0]

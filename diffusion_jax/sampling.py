@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion, noise
+from diffusion_jax import diffusion, dpm_solver, noise
 from diffusion_jax.diffusion import check_option
 from diffusion_jax.schedules import Schedule
 
@@ -149,52 +149,29 @@ def _half_log_snr(abar):
 
 
 def _dpmpp_step(order, chain, carry, t, i, stage):
-    """DPM-Solver++ multistep of ``order`` (2 or 3), of lower order while history is short.
-
-    From ``x_t`` to ``x_{t-1}`` with ``h = lambda_{t-1} - lambda_t`` and the x0 predictions
-    ``D_0, D_1, D_2`` at t and the two previous grid steps (``h_1``, ``h_2`` their steps):
-    ``x_{t-1} = (sigma_{t-1} / sigma_t) x_t - alpha_{t-1} phi_1 D_0 + alpha_{t-1} C`` with
-    ``phi_1 = expm1(-h)``. First order: ``C = 0``. 2M (Lu et al. 2022, Algorithm 2):
-    ``C = -phi_1 / (2 r_0) (D_0 - D_1)``, ``r_0 = h_1 / h``. 3M: the exact integral of the
-    quadratic through the three predictions, ``C = phi_2 d_1 - 2 phi_3 d_2`` with
-    ``phi_2 = phi_1 / h + 1``, ``phi_3 = phi_2 / h - 1/2``, ``d_2 = ((D_0 - D_1) / r_0 - (D_1 -
-    D_2) / r_1) / (r_0 + r_1)`` (``h^2 D''/2``), ``d_1 = (D_0 - D_1) / r_0 + r_0 d_2``
-    (``h D'``), ``r_1 = h_2 / h``.
-    """
+    """DPM-Solver++ multistep of ``order`` (2 or 3) from ``x_t`` to ``x_{t-1}``
+    (``dpm_solver.step``), of lower order while history is short."""
     out = chain.denoise(carry["x"], t)
     x0 = out["pred_x0"]
     abar, abar_prev = chain.abar(t)
     # The step out of t = 0 (to abar = 1, h = inf) is replaced by the x0 prediction; keep its
     # unused arithmetic finite.
     h = jnp.where(t > 0, _half_log_snr(abar_prev) - _half_log_snr(abar), 1.0)
-    phi_1 = jnp.expm1(-h)
-    x_prev = (
-        jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * carry["x"] - jnp.sqrt(abar_prev) * phi_1 * x0
+    x_prev, history = dpm_solver.step(
+        order,
+        carry["x"],
+        x0,
+        i,
+        h,
+        jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)),
+        jnp.sqrt(abar_prev),
+        carry["history"],
     )
-    past_x0, past_h = carry["past_x0"], carry["past_h"]  # newest first
-    r_0 = past_h[0] / h
-    d1_0 = (x0 - past_x0[0]) / r_0
-    correction = jnp.where(i >= 1, -0.5 * phi_1 * d1_0, 0.0)
-    if order >= 3:
-        r_1 = past_h[1] / h
-        d_2 = (d1_0 - (past_x0[0] - past_x0[1]) / r_1) / (r_0 + r_1)
-        phi_2 = phi_1 / h + 1.0
-        phi_3 = phi_2 / h - 0.5
-        correction = jnp.where(i >= 2, phi_2 * (d1_0 + r_0 * d_2) - 2.0 * phi_3 * d_2, correction)
-    carry = {
-        "x": x_prev + jnp.sqrt(abar_prev) * correction,
-        "past_x0": jnp.concatenate([x0[None], past_x0[:-1]]),
-        "past_h": jnp.concatenate([h[None], past_h[:-1]]),
-    }
-    return carry, x0
+    return {"x": x_prev, "history": history}, x0
 
 
 def _dpmpp_init(order, x):
-    return {
-        "x": x,
-        "past_x0": jnp.zeros((order - 1,) + x.shape, x.dtype),
-        "past_h": jnp.ones((order - 1,), x.dtype),
-    }
+    return {"x": x, "history": dpm_solver.init_history(order, x)}
 
 
 def _heun_step(chain, carry, t, i, stage):
