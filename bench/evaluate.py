@@ -48,12 +48,11 @@ def make_config(args, sampling_steps: int = 0):
 
 def setup(config):
     mesh = sharding.make_mesh()
-    model = config_lib.make_model(config)
-    optimizer, _ = train_step.make_optimizer(config.optim)
+    train_setup = config_lib.make_train_setup(config)
     shape = (32, 32, 3)
-    _, shardings = train_step.state_shardings(config, model, optimizer, shape, mesh)
-    state = train_step.create_train_state(config, model, optimizer, shape, shardings)
-    return mesh, model, state.ema_params, shardings.ema_params
+    _, shardings = train_step.state_shardings(train_setup, shape, mesh)
+    state = train_step.create_train_state(train_setup, shape, shardings, config.seed)
+    return mesh, train_setup.model, state.ema_params, shardings.ema_params
 
 
 def bench_sampler(args, name, num_steps):
@@ -84,6 +83,7 @@ def bench_bpd(args):
         step=0,
         mesh=mesh,
         model=model,
+        objective=config_lib.make_objective(config),
         params=params,
         param_sharding=param_sharding,
         eval_dir=pathlib.Path("."),

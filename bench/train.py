@@ -120,16 +120,12 @@ def build(config, num_classes: int, accumulate=None):
     data = config.data
     image_shape = (data.image_size, data.image_size, data.channels)
     mesh = sharding.make_mesh(config.training.fsdp)
-    model = config_lib.make_model(config, num_classes)
-    objective = config_lib.make_objective(config)
-    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
-    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+    setup = config_lib.make_train_setup(config, num_classes)
+    _, shardings = train_step.state_shardings(setup, image_shape, mesh)
     state, init_s = timed(
-        lambda: train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+        lambda: train_step.create_train_state(setup, image_shape, shardings, config.seed)
     )
-    step_fn = train_step.make_train_step(
-        config, model, objective, optimizer, lr_schedule, mesh, shardings, accumulate=accumulate
-    )
+    step_fn = train_step.make_train_step(setup, mesh, shardings, accumulate=accumulate)
     batch_size = config.training.batch_size
     rng = np.random.default_rng(0)
     labels = rng.integers(0, max(num_classes, 1), batch_size, dtype=np.int32)

@@ -22,6 +22,7 @@ from diffusion_jax import (
     ode_sampling,
     sampling,
     schedules,
+    train_step,
 )
 from diffusion_jax.models import NoisyClassifier, UNet
 from diffusion_jax.objectives.flow import TIME_SAMPLINGS
@@ -601,6 +602,24 @@ def _flat(config) -> dict:
 def make_objective(config):
     """The training objective of ``config`` (``objectives.from_config``)."""
     return objectives.from_config(config)
+
+
+def make_train_setup(config, num_classes: int | None = None, model=None) -> train_step.TrainSetup:
+    """The network, objective, optimizer and step settings of ``config``: everything the train
+    step and its state are built from (``train_step``); ``num_classes`` as in ``make_model``.
+    ``model``: a network of your own (same call as ``config``'s) to train with its recipe."""
+    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+    return train_step.TrainSetup(
+        model=make_model(config, num_classes) if model is None else model,
+        objective=make_objective(config),
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        batch_size=config.training.batch_size,
+        kind=config.model.kind,
+        grad_accum_steps=config.training.grad_accum_steps,
+        ema_decay=config.optim.ema_decay,
+        label_dropout=config.model.label_dropout,
+    )
 
 
 def num_evaluations(config) -> int:

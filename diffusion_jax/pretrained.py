@@ -36,9 +36,8 @@ def restore_ema(config, workdir, step: int, mesh):
     checkpoint ``step`` of ``workdir``, sharded over ``mesh`` as in training."""
     image_shape, num_classes = input_pipeline.dataset_spec(config.data)
     config_lib.check_classes(config, num_classes)
-    model = config_lib.make_model(config, num_classes)
-    optimizer, _ = train_step.make_optimizer(config.optim)
-    abstract, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+    setup = config_lib.make_train_setup(config, num_classes)
+    abstract, shardings = train_step.state_shardings(setup, image_shape, mesh)
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract.ema_params,
@@ -49,7 +48,7 @@ def restore_ema(config, workdir, step: int, mesh):
         params = checkpointer.restore_ema_params(step, target)
     finally:
         checkpointer.close()
-    return model, params, shardings.ema_params
+    return setup.model, params, shardings.ema_params
 
 
 @dataclasses.dataclass(frozen=True)

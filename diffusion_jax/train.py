@@ -76,10 +76,8 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     )
     mesh = sharding.make_mesh(tcfg.fsdp)
     classifier = pretrained.load_classifier(config, mesh) if tcfg.sample_every else None
-    model = config_lib.make_model(config, num_classes)
-    objective = config_lib.make_objective(config)
-    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
-    abstract, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+    setup = config_lib.make_train_setup(config, num_classes)
+    abstract, shardings = train_step.state_shardings(setup, image_shape, mesh)
 
     checkpointer = checkpointing.Checkpointer(workdir, keep=tcfg.keep_checkpoints)
     latest = checkpointer.latest_step()
@@ -92,7 +90,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
             checkpointer.close()
             raise
     if latest is None:
-        state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+        state = train_step.create_train_state(setup, image_shape, shardings, config.seed)
     else:
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -107,14 +105,12 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     if jax.process_index() == 0:
         _record_config(workdir, config, recorded, latest or 0)
 
-    step_fn = train_step.make_train_step(
-        config, model, objective, optimizer, lr_schedule, mesh, shardings
-    )
+    step_fn = train_step.make_train_step(setup, mesh, shardings)
     num_preview = config.sampling.num_samples
     generate_fn, preview_labels = None, None
     if tcfg.sample_every:
         generate_fn = generate.make_generate_fn(
-            config, model, mesh, shardings.ema_params, num_preview, classifier
+            config, setup.model, mesh, shardings.ema_params, num_preview, classifier
         )
         preview_labels = generate.sample_labels(config, num_classes, np.arange(num_preview))
     reporter = reporting.Reporter(

@@ -1,4 +1,5 @@
-"""Train state and the sharded train step, built from a validated config.
+"""Train state and the sharded train step, built from the objects of a ``TrainSetup`` (the
+training program builds one from its validated config: ``config_lib.make_train_setup``).
 
 Randomness: one base key in the state; step ``s`` splits ``fold_in(key, s)`` into an example
 root and a dropout root. Example ``i`` of the global batch draws its t and noise from
@@ -21,7 +22,9 @@ label (nats) and whether its argmax is right.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -31,7 +34,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import objectives, sharding
+from diffusion_jax import sharding
 from diffusion_jax.losses import LossHistory
 from diffusion_jax.models.classifier import label_log_prob
 
@@ -44,6 +47,30 @@ class TrainState:
     opt_state: Any
     rng: jnp.ndarray  # base PRNG key (uint32 [2]); per-step keys are folded in
     loss_history: LossHistory | None  # importance sampling of t only
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What a train step is built from.
+
+    ``model``: the network (``kind`` "denoiser": called ``(x_in, noise_input, y, train=)``;
+    "classifier": ``(x_in, noise_input, train=)`` to logits); ``objective``: the training
+    objective (``diffusion_jax.objectives``); ``optimizer`` and ``lr_schedule``: from
+    ``make_optimizer``; ``batch_size``: global examples per step, split into
+    ``grad_accum_steps`` micro-batches; ``ema_decay``: of the EMA parameters;
+    ``label_dropout``: probability that a class-conditional denoiser trains on the null label
+    (``drop_labels``).
+    """
+
+    model: Any
+    objective: Any
+    optimizer: optax.GradientTransformation
+    lr_schedule: Callable
+    batch_size: int
+    kind: str = "denoiser"
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.9999
+    label_dropout: float = 0.0
 
 
 def make_optimizer(optim_config):
@@ -86,35 +113,34 @@ def _with_weight_decay(adam, weight_decay: float):
     return optax.GradientTransformation(adam.init, update)
 
 
-def _init_state(config, model, optimizer, image_shape, rng):
+def _init_state(setup: TrainSetup, image_shape, rng):
     init_key, state_key = jax.random.split(rng)
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    if config.model.kind == "classifier":
+    model = setup.model
+    if setup.kind == "classifier":
         params = model.init({"params": init_key}, x, t, train=False)["params"]
     else:
         y = jnp.zeros((1,), jnp.int32) if model.num_classes is not None else None
         params = model.init({"params": init_key}, x, t, y, train=False)["params"]
-    history = objectives.from_config(config).init_history()
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=jax.tree_util.tree_map(jnp.copy, params),
-        opt_state=optimizer.init(params),
+        opt_state=setup.optimizer.init(params),
         rng=state_key,
-        loss_history=history,
+        loss_history=setup.objective.init_history(),
     )
 
 
-def state_shardings(config, model, optimizer, image_shape, mesh):
+def state_shardings(setup: TrainSetup, image_shape, mesh):
     """``(abstract_state, shardings)``: shapes/dtypes of the state and where each leaf lives.
 
     Parameters, their EMA and the optimizer state follow the FSDP rule (``sharding``); the step,
     the RNG key and the loss history are replicated: every device reads them whole.
     """
     abstract = jax.eval_shape(
-        functools.partial(_init_state, config, model, optimizer, image_shape),
-        jax.random.PRNGKey(0),
+        functools.partial(_init_state, setup, image_shape), jax.random.PRNGKey(0)
     )
     replicated = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), abstract)
     return abstract, replicated.replace(
@@ -124,14 +150,11 @@ def state_shardings(config, model, optimizer, image_shape, mesh):
     )
 
 
-def create_train_state(config, model, optimizer, image_shape, shardings):
-    """Initialises the state directly in ``shardings`` (from ``state_shardings``; no host-side
-    full copy)."""
-    init = jax.jit(
-        functools.partial(_init_state, config, model, optimizer, image_shape),
-        out_shardings=shardings,
-    )
-    return init(jax.random.PRNGKey(config.seed))
+def create_train_state(setup: TrainSetup, image_shape, shardings, seed: int):
+    """Initialises the state from ``PRNGKey(seed)`` directly in ``shardings`` (from
+    ``state_shardings``; no host-side full copy)."""
+    init = jax.jit(functools.partial(_init_state, setup, image_shape), out_shardings=shardings)
+    return init(jax.random.PRNGKey(seed))
 
 
 def _per_example_keys(step_key, step, batch_size):
@@ -158,8 +181,8 @@ REPORTED_TERMS = {
 }
 
 
-def example_terms_fn(config, model, objective):
-    """The per-example terms of ``config.model.kind``:
+def example_terms_fn(setup: TrainSetup):
+    """The per-example terms of ``setup.kind``:
     ``terms(params, batch, x_t, t, noise, dropout_key) -> {name: [B]}``, always with ``"loss"``
     (the term the step minimises, averaged over the batch).
 
@@ -170,7 +193,8 @@ def example_terms_fn(config, model, objective):
     ``loss``, the cross-entropy ``-log p(label | x_t)`` in nats, and ``accuracy``, 1 where the
     largest logit is the label's, else 0.
     """
-    if config.model.kind == "classifier":
+    model, objective = setup.model, setup.objective
+    if setup.kind == "classifier":
 
         def classifier_terms(params, batch, x_t, t, noise, dropout_key):
             logits = model.apply(
@@ -188,7 +212,7 @@ def example_terms_fn(config, model, objective):
         return classifier_terms
 
     conditional = model.num_classes is not None
-    label_dropout = config.model.label_dropout
+    label_dropout = setup.label_dropout
     if label_dropout and not conditional:
         raise ValueError(f"label_dropout={label_dropout} needs a class-conditional model")
 
@@ -205,29 +229,25 @@ def example_terms_fn(config, model, objective):
     return denoiser_terms
 
 
-def make_train_step(
-    config, model, objective, optimizer, lr_schedule, mesh, state_sharding, *, accumulate=None
-):
+def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None):
     """The jitted ``train_step(state, batch) -> (state, metrics)`` (state donated).
 
     ``batch = {"image": float32 [B, H, W, C], "label": int32 [B]}`` as global arrays sharded
     over the batch axes. Metrics are replicated scalars: ``loss`` (the optimised objective),
     ``grad_norm``, ``update_norm`` (global norm of the change applied to the parameters),
-    ``learning_rate``; the batch means of the ``REPORTED_TERMS`` of ``model.kind`` (denoiser:
+    ``learning_rate``; the batch means of the ``REPORTED_TERMS`` of ``setup.kind`` (denoiser:
     ``mse``, ``vlb_bpd`` for DDPM's vlb/hybrid; classifier: ``accuracy``); and per quarter of
     t, ``<name>_qK_sum`` / ``<name>_qK_count`` (K = 0..3: the summed per-example term and the
     number of examples whose t lies in quarter K of the training distribution of noise levels,
     ``objective.quarter``: for DDPM quarter K of [0, T); denoiser: ``loss``, classifier:
     ``loss`` and ``accuracy``; see ``average_metrics``).
 
-    ``objective``: the training objective (``objectives.from_config(config)``).
-
-    ``accumulate``: how ``training.grad_accum_steps > 1`` micro-batches are run: ``"scan"``
+    ``accumulate``: how ``setup.grad_accum_steps > 1`` micro-batches are run: ``"scan"``
     (``lax.scan``: one copy of the network in the program), ``"loop"`` (unrolled: one copy per
     micro-batch) or ``None``: the loop on CPU meshes, the scan on accelerators.
     """
-    batch_size = config.training.batch_size
-    accum = config.training.grad_accum_steps
+    batch_size, accum = setup.batch_size, setup.grad_accum_steps
+    objective, optimizer = setup.objective, setup.optimizer
     if accumulate is None:
         # XLA:CPU runs the network ~15x slower inside a while loop: digits network, batch 128,
         # 4 micro-batches, 2 shared cores, two runs of bench/accumulate.py: 3.7 and 4.6 s per
@@ -236,8 +256,8 @@ def make_train_step(
     if accumulate not in ("scan", "loop"):
         raise ValueError(f"accumulate must be 'scan', 'loop' or None, got {accumulate!r}")
     use_scan = accumulate == "scan" and accum > 1
-    terms_fn = example_terms_fn(config, model, objective)
-    reported = REPORTED_TERMS[config.model.kind]
+    terms_fn = example_terms_fn(setup)
+    reported = REPORTED_TERMS[setup.kind]
 
     def example_losses(params, micro, dropout_key, history):
         t_keys, noise_keys = jax.vmap(jax.random.split, out_axes=1)(micro["keys"])
@@ -290,7 +310,7 @@ def make_train_step(
         terms, t = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1), (terms, t))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = config.optim.ema_decay
+        decay = setup.ema_decay
         ema = jax.tree_util.tree_map(
             lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
         )
@@ -308,7 +328,7 @@ def make_train_step(
             # Finite loss and gradients can still give non-finite parameters (a learning rate
             # beyond float32); a finite update norm rules that out before the state is saved.
             "update_norm": optax.global_norm(updates),
-            "learning_rate": lr_schedule(state.step),
+            "learning_rate": setup.lr_schedule(state.step),
         }
         for name in reported["mean"]:
             if name in terms:

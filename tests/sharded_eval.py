@@ -56,10 +56,10 @@ def main():
 
         config = test_evaluate.tiny_config()
         config_lib.validate(config, num_devices=num_devices)
-        model = config_lib.make_model(config, 10)
-        optimizer, _ = train_step.make_optimizer(config.optim)
-        _, shardings = train_step.state_shardings(config, model, optimizer, (8, 8, 1), mesh)
-        state = train_step.create_train_state(config, model, optimizer, (8, 8, 1), shardings)
+        setup = config_lib.make_train_setup(config, 10)
+        model = setup.model
+        _, shardings = train_step.state_shardings(setup, (8, 8, 1), mesh)
+        state = train_step.create_train_state(setup, (8, 8, 1), shardings, config.seed)
         generate_fn = generate.make_generate_fn(config, model, mesh, shardings.ema_params, 64)
         rng = jax.random.PRNGKey(3)
         hlo = generate_fn.lower(state.ema_params, rng, 0).compile().as_text()

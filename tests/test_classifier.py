@@ -7,6 +7,7 @@ Tiny networks on the digits throughout (``tiny_config``: one level, ch 32, T = 5
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ import pytest
 from PIL import Image
 
 from diffusion_jax import (
+    config_defaults,
     config_lib,
     evaluators,
     guidance,
@@ -132,6 +134,7 @@ def linear_context(workdir, mesh, *, batch_size: int, **overrides) -> common.Con
         step=0,
         mesh=mesh,
         model=LinearDigitsClassifier(),
+        objective=config_lib.make_objective(config),
         params=jax.device_put(params, replicated),
         param_sharding=jax.tree.map(lambda _: replicated, params),
         eval_dir=pathlib.Path(workdir) / "eval",
@@ -261,14 +264,10 @@ class OneStep:
         self.base = {"training.batch_size": 64, "training.fsdp": fsdp}
         self.mesh = sharding.make_mesh(fsdp, devices=devices)
         self.config = self._config()
-        self.model = config_lib.make_model(self.config, 10)
-        self.optimizer, self.lr_schedule = train_step.make_optimizer(self.config.optim)
-        _, self.shardings = train_step.state_shardings(
-            self.config, self.model, self.optimizer, (8, 8, 1), self.mesh
-        )
-        state = train_step.create_train_state(
-            self.config, self.model, self.optimizer, (8, 8, 1), self.shardings
-        )
+        setup = config_lib.make_train_setup(self.config, 10)
+        self.model = setup.model
+        _, self.shardings = train_step.state_shardings(setup, (8, 8, 1), self.mesh)
+        state = train_step.create_train_state(setup, (8, 8, 1), self.shardings, self.config.seed)
         params = random_params(jax.device_get(state.params))
         self.state = jax.device_get(state.replace(params=params, ema_params=params))
         self.batch = next(
@@ -285,17 +284,8 @@ class OneStep:
         training batch) with ``overrides`` of the config."""
         key = json.dumps(overrides, sort_keys=True)
         if key not in self._steps:
-            config = self._config(**overrides)
-            model = config_lib.make_model(config, 10)
-            self._steps[key] = train_step.make_train_step(
-                config,
-                model,
-                config_lib.make_objective(config),
-                self.optimizer,
-                self.lr_schedule,
-                self.mesh,
-                self.shardings,
-            )
+            setup = config_lib.make_train_setup(self._config(**overrides), 10)
+            self._steps[key] = train_step.make_train_step(setup, self.mesh, self.shardings)
         state = jax.device_put(self.state, self.shardings)  # donated by the step
         batch = sharding.global_batch(self.mesh, self.batch if batch is None else batch)
         return jax.device_get(self._steps[key](state, batch))
@@ -504,11 +494,10 @@ def test_training_raises_low_t_accuracy_above_chance(tmp_path):
         }
     )
     metrics = train.train_and_evaluate(config, tmp_path)
-    model = config_lib.make_model(config, 10)
-    optimizer, _ = train_step.make_optimizer(config.optim)
-    mesh = sharding.make_mesh()
-    _, shardings = train_step.state_shardings(config, model, optimizer, (8, 8, 1), mesh)
-    initial = train_step.create_train_state(config, model, optimizer, (8, 8, 1), shardings)
+    setup = config_lib.make_train_setup(config, 10)
+    model = setup.model
+    _, shardings = train_step.state_shardings(setup, (8, 8, 1), sharding.make_mesh())
+    initial = train_step.create_train_state(setup, (8, 8, 1), shardings, config.seed)
     before = _low_t_accuracy(model, jax.device_get(initial.params))
     after = _low_t_accuracy(model, _read_checkpoint(tmp_path, steps)[0]["params"])
     assert abs(before - 0.1) < 0.05
@@ -604,6 +593,43 @@ def test_classifier_configs_validate_and_share_the_denoisers_process():
 
 
 # The evaluation program.
+
+
+def test_accuracy_mode_noises_with_the_classifiers_objective(tmp_path):
+    """An EDM classifier is scored on EDM's noise, written out here from Karras et al.: sigma
+    = exp(P_mean + P_std n) with n from the example's t key, x = x0 + sigma noise, the network
+    sees x / sqrt(sigma^2 + sigma_data^2) (and ln(sigma) / 4, which the linear classifier
+    ignores); quarters are those of the log-normal."""
+    ctx = linear_context(tmp_path, sharding.make_mesh(), batch_size=40)
+    config = config_defaults.use_objective(tiny_config(**{"eval.batch_size": 40}), "edm")
+    ctx = dataclasses.replace(ctx, config=config, objective=config_lib.make_objective(config))
+    result = accuracy.run(ctx)
+    source = input_pipeline.DigitsSource("test")
+    x0 = np.stack([source[i]["image"] for i in range(len(source))]) / 127.5 - 1.0
+    labels = np.asarray([source[i]["label"] for i in range(len(source))])
+    keys = [jax.random.fold_in(jax.random.PRNGKey(config.eval.seed), i) for i in range(297)]
+    edm = config.objective.edm
+    n = np.array([float(jax.random.normal(jax.random.split(k)[0], ())) for k in keys])
+    sigma = np.exp(edm.p_mean + edm.p_std * n)
+    noise = np.stack(
+        [np.asarray(jax.random.normal(jax.random.split(k)[1], (8, 8, 1))) for k in keys]
+    )
+    x_in = (x0 + sigma[:, None, None, None] * noise) / np.sqrt(sigma**2 + edm.sigma_data**2)[
+        :, None, None, None
+    ]
+    logits = x_in.reshape(297, -1) @ np.asarray(jax.device_get(ctx.params)["w"], np.float64)
+    correct = logits.argmax(-1) == labels
+    quarter = np.floor(2 * (1 + np.vectorize(math.erf)(n / math.sqrt(2)))).astype(int)
+    with np.load(ctx.eval_dir / "accuracy_step0.npz") as saved:
+        np.testing.assert_allclose(saved["t"], sigma, rtol=1e-5)
+        np.testing.assert_array_equal(saved["quarter"], quarter)
+    assert result["objective"] == "edm"
+    assert result["accuracy"] == pytest.approx(correct.mean(), abs=1e-12)
+    for q in range(4):
+        in_q = quarter == q
+        assert result[f"accuracy_q{q}"] == pytest.approx(correct[in_q].mean(), abs=1e-12)
+    # Less accurate at more noise (EDM's top quarter, sigma > 0.67, still leaves digits legible).
+    assert result["accuracy_q0"] > result["accuracy_q3"] + 0.1
 
 
 def test_accuracy_mode_equals_an_independent_computation(tmp_path):

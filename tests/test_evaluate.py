@@ -133,6 +133,7 @@ def closed_form_context(workdir, mesh, config, model) -> common.Context:
         step=0,
         mesh=mesh,
         model=model,
+        objective=config_lib.make_objective(config),
         params={},
         param_sharding={},
         eval_dir=pathlib.Path(workdir) / "eval",

@@ -677,15 +677,12 @@ def _first_step_fn(label_dropout, batch_size=16):
     config.model.update(class_conditional=True, label_dropout=label_dropout)
     config.diffusion.num_timesteps = 50
     config.training.batch_size = batch_size
-    model, objective = _LabelEcho(), config_lib.make_objective(config)
-    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+    setup = config_lib.make_train_setup(config, model=_LabelEcho())
     mesh, image_shape = sharding.make_mesh(1), (2, 2, 1)
-    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
-    step_fn = train_step.make_train_step(
-        config, model, objective, optimizer, lr_schedule, mesh, shardings
-    )
+    _, shardings = train_step.state_shardings(setup, image_shape, mesh)
+    step_fn = train_step.make_train_step(setup, mesh, shardings)
     images = np.random.default_rng(0).uniform(-1, 1, (batch_size, *image_shape))
-    state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+    state = train_step.create_train_state(setup, image_shape, shardings, config.seed)
 
     def run(labels):
         inputs = {"image": images.astype(np.float32), "label": np.asarray(labels, np.int32)}

@@ -87,9 +87,9 @@ def test_labels_cycle_through_the_requested_classes():
 def perturbed_params(config, model, mesh):
     """Initial parameters of ``model`` (laid out over ``mesh``) perturbed: a zero-initialised
     output layer would make every guided prediction zero."""
-    optimizer, _ = train_step.make_optimizer(config.optim)
-    _, shardings = train_step.state_shardings(config, model, optimizer, (8, 8, 1), mesh)
-    state = train_step.create_train_state(config, model, optimizer, (8, 8, 1), shardings)
+    setup = config_lib.make_train_setup(config, model=model)
+    _, shardings = train_step.state_shardings(setup, (8, 8, 1), mesh)
+    state = train_step.create_train_state(setup, (8, 8, 1), shardings, config.seed)
     leaves, tree = jax.tree_util.tree_flatten(state.ema_params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]

@@ -59,15 +59,13 @@ def written_out_loss(name, network, x0, t_key, noise):
 def test_first_step_loss_is_the_objective_written_out(name):
     config = tiny_objective_config(name, **{"training.batch_size": 8})
     config_lib.validate(config)
-    model = config_lib.make_model(config)
-    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+    setup = config_lib.make_train_setup(config)
+    model = setup.model
     mesh, image_shape = sharding.make_mesh(1), (8, 8, 1)
-    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
-    state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+    _, shardings = train_step.state_shardings(setup, image_shape, mesh)
+    state = train_step.create_train_state(setup, image_shape, shardings, config.seed)
     params, rng = jax.device_get((state.params, state.rng))  # the step donates the state
-    step_fn = train_step.make_train_step(
-        config, model, config_lib.make_objective(config), optimizer, lr_schedule, mesh, shardings
-    )
+    step_fn = train_step.make_train_step(setup, mesh, shardings)
     images = np.random.default_rng(0).uniform(-1, 1, (8, *image_shape)).astype(np.float32)
     batch = {"image": images, "label": np.zeros(8, np.int32)}
     _, metrics = step_fn(state, sharding.global_batch(mesh, batch))

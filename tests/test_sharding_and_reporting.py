@@ -39,9 +39,8 @@ _STATE_SPECS = textwrap.dedent(
     config.diffusion.loss_type = "hybrid"
     config.diffusion.timestep_sampling = "importance"
     config.training.fsdp = 2
-    optimizer, _ = train_step.make_optimizer(config.optim)
     _, shardings = train_step.state_shardings(
-        config, config_lib.make_model(config), optimizer, (8, 8, 3), sharding.make_mesh(2)
+        config_lib.make_train_setup(config), (8, 8, 3), sharding.make_mesh(2)
     )
     print(json.dumps({
         jax.tree_util.keystr(path): [str(s.spec), s.mesh.devices.size]

@@ -969,11 +969,10 @@ def test_importance_sampling_draws_t_from_the_history_and_weights_the_loss():
         }
     )
     config_lib.validate(config)
-    model, objective = config_lib.make_model(config), config_lib.make_objective(config)
-    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
+    setup = config_lib.make_train_setup(config)
     mesh, image_shape = sharding.make_mesh(1), (8, 8, 1)
-    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
-    state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+    _, shardings = train_step.state_shardings(setup, image_shape, mesh)
+    state = train_step.create_train_state(setup, image_shape, shardings, config.seed)
     rms = np.array([0.0, 1.0, 0.0, 2.0], np.float32)
     state = state.replace(
         loss_history=losses.LossHistory(
@@ -981,9 +980,7 @@ def test_importance_sampling_draws_t_from_the_history_and_weights_the_loss():
             counts=jnp.full((T,), 10, jnp.int32),
         )
     )
-    step_fn = train_step.make_train_step(
-        config, model, objective, optimizer, lr_schedule, mesh, shardings
-    )
+    step_fn = train_step.make_train_step(setup, mesh, shardings)
     images = np.round(np.random.default_rng(0).uniform(0, 255, (batch, *image_shape))) / 127.5 - 1
     inputs = {"image": images.astype(np.float32), "label": np.zeros(batch, np.int32)}
     _, metrics = step_fn(state, sharding.global_batch(mesh, inputs))
@@ -1017,25 +1014,15 @@ def _train_states(config, num_steps=1, accumulate=None) -> list[train_step.Train
     config = config_lib.validate(config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     mesh = sharding.make_mesh()
-    model = config_lib.make_model(config)
-    optimizer, lr_schedule = train_step.make_optimizer(config.optim)
-    _, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
-    state = train_step.create_train_state(config, model, optimizer, image_shape, shardings)
+    setup = config_lib.make_train_setup(config)
+    _, shardings = train_step.state_shardings(setup, image_shape, mesh)
+    state = train_step.create_train_state(setup, image_shape, shardings, config.seed)
     chex.clear_trace_counter()  # chex tells functions apart by their source and call stack
     jit = jax.jit
     with pytest.MonkeyPatch.context() as patch:
         # make_train_step jits its step itself: the trace counter must wrap it before the jit.
         patch.setattr(jax, "jit", lambda fn, **kw: jit(chex.assert_max_traces(fn, n=1), **kw))
-        step = train_step.make_train_step(
-            config,
-            model,
-            config_lib.make_objective(config),
-            optimizer,
-            lr_schedule,
-            mesh,
-            shardings,
-            accumulate=accumulate,
-        )
+        step = train_step.make_train_step(setup, mesh, shardings, accumulate=accumulate)
     batches = input_pipeline.create_train_iterator(
         config.data, global_batch_size=config.training.batch_size, seed=0
     )
@@ -1101,9 +1088,9 @@ from diffusion_jax import config_lib, sharding, train_step
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
 image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 mesh = sharding.make_mesh()
-model = config_lib.make_model(config)
-optimizer, lr_schedule = train_step.make_optimizer(config.optim)
-abstract, shardings = train_step.state_shardings(config, model, optimizer, image_shape, mesh)
+abstract, shardings = train_step.state_shardings(
+    config_lib.make_train_setup(config), image_shape, mesh
+)
 state = jax.tree_util.tree_map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
 )
@@ -1118,8 +1105,7 @@ counts = {}
 for accumulate, accum in (("scan", 2), ("scan", 4), ("loop", 4)):
     config.training.grad_accum_steps = accum
     step = train_step.make_train_step(
-        config, model, config_lib.make_objective(config), optimizer, lr_schedule, mesh,
-        shardings, accumulate=accumulate,
+        config_lib.make_train_setup(config), mesh, shardings, accumulate=accumulate
     )
     hlo = step.lower(state, batch).compile().as_text()
     ops = ("convolution", "all-to-all", "collective-permute", "all-gather", "all-reduce")

@@ -1,14 +1,17 @@
 """``mode=accuracy``: a noisy-image classifier's accuracy and cross-entropy over a data split,
-overall and by quarter of t.
+overall and by quarter of the training distribution of noise levels.
 
 Each example ``i`` of ``eval.split`` (all of it, or its first ``eval.num_examples``) is noised
-as in training, from its own key ``fold_in(PRNGKey(eval.seed), i)``: ``t_key, noise_key =
-split(key)``, t uniform in [0, T), ``x_t = q_sample(x0, t, noise)``. The EMA classifier
-(``train=False``) scores x_t; the example counts as right when its largest logit is its label's,
-and its cross-entropy is ``-log p(label | x_t)`` in nats. Keys depend on the index alone, so
-the numbers do not depend on the batch size or on the number of devices and processes; the last
-batch is padded and masked. ``eval/accuracy_step<N>.npz`` keeps every example's ``t``,
-``label``, ``predicted`` and ``cross_entropy``.
+as in training by the classifier's objective, from its own key
+``fold_in(PRNGKey(eval.seed), i)``: ``t_key, noise_key = split(key)``, t drawn by
+``objective.draw`` (DDPM: uniform in [0, T); EDM: log-normal sigma; flow: its t distribution),
+``x_t = objective.noisy(x0, t, noise)``. The EMA classifier (``train=False``) scores x_t; the
+example counts as right when its largest logit is its label's, and its cross-entropy is
+``-log p(label | x_t)`` in nats. Keys depend on the index alone, so the numbers do not depend on
+the batch size or on the number of devices and processes; the last batch is padded and masked.
+``eval/accuracy_step<N>.npz`` keeps every example's ``t``, its ``quarter``
+(``objective.quarter``: DDPM's quarter of [0, T)), ``label``, ``predicted`` and
+``cross_entropy``.
 """
 
 from __future__ import annotations
@@ -17,39 +20,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import config_lib, diffusion, generate, input_pipeline, sharding
+from diffusion_jax import generate, input_pipeline, sharding
 from diffusion_jax.evaluators import common
 from diffusion_jax.models.classifier import label_log_prob
 
 # model.kind this mode evaluates (see evaluators.evaluate).
 MODEL_KIND = "classifier"
-# The examples are noised on DDPM's schedule and scored by quarter of its timesteps.
-OBJECTIVES = ("ddpm",)
 
 
-def noised(schedule, x0, keys):
+def noised(objective, x0, keys):
     """``(x_t, t)`` of images ``x0`` ``[B, ...]`` from one key per example: ``t_key, noise_key =
-    split(key)``, t uniform in [0, T), the noise standard normal (the train step's draw)."""
+    split(key)``, t from ``objective.draw`` (its training distribution, without importance
+    sampling), the noise standard normal (the train step's draw)."""
     t_keys, noise_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(t_keys)
-    t = t.astype(jnp.int32)
+    t, _ = objective.draw(t_keys)
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(noise_keys)
-    return diffusion.q_sample(schedule, x0, t, noise), t
+    return objective.noisy(x0, t, noise), t
 
 
 def make_score_fn(ctx: common.Context):
-    """Jitted ``(params, batch) -> {"t", "predicted": int [B], "cross_entropy": [B]}`` with
-    ``batch = {"image", "label", "keys"}`` global arrays sharded over the batch axes."""
-    model = ctx.model
-    schedule = config_lib.make_schedule(ctx.config)
+    """Jitted ``(params, batch) -> {"t", "quarter", "predicted": int [B], "cross_entropy":
+    [B]}`` with ``batch = {"image", "label", "keys"}`` global arrays sharded over the batch
+    axes."""
+    model, objective = ctx.model, ctx.objective
     batch_sharding = sharding.batch_sharding(ctx.mesh)
 
     def score(params, batch):
-        x_t, t = noised(schedule, batch["image"], batch["keys"])
+        x_t, t = noised(objective, batch["image"], batch["keys"])
         x_t = jax.lax.with_sharding_constraint(x_t, batch_sharding)
-        logits = model.apply({"params": params}, x_t, t, train=False)
+        logits = model.apply({"params": params}, *objective.network_inputs(x_t, t), train=False)
         return {
             "t": t,
+            "quarter": objective.quarter(t).astype(jnp.int32),
             "predicted": jnp.argmax(logits, axis=-1).astype(jnp.int32),
             "cross_entropy": -label_log_prob(logits, batch["label"]),
         }
@@ -61,11 +63,12 @@ def run(ctx: common.Context) -> dict:
     cfg = ctx.config
     split, batch_size = cfg.eval.split, cfg.eval.batch_size
     num_examples = common.num_examples(cfg)
-    num_timesteps = cfg.diffusion.num_timesteps
     score_fn = make_score_fn(ctx)
     progress = common.Progress(f"accuracy on {split}", num_examples, "images")
     per_example = {
-        "t": np.zeros(num_examples, np.int32),
+        # DDPM's timesteps are int32, the continuous objectives' noise levels float32.
+        "t": np.zeros(num_examples, np.int32 if cfg.objective.name == "ddpm" else np.float32),
+        "quarter": np.zeros(num_examples, np.int32),
         "label": np.zeros(num_examples, np.int32),
         "predicted": np.zeros(num_examples, np.int32),
         "cross_entropy": np.zeros(num_examples, np.float32),
@@ -88,9 +91,9 @@ def run(ctx: common.Context) -> dict:
         raise RuntimeError(f"accuracy: {count} examples evaluated, expected {num_examples}")
 
     result = {
-        **summarize(per_example, num_timesteps),
+        **summarize(per_example),
         "split": split,
-        "num_timesteps": num_timesteps,
+        "objective": cfg.objective.name,
         "seed": cfg.eval.seed,
         "images_per_s": progress.rate(count),
     }
@@ -100,13 +103,13 @@ def run(ctx: common.Context) -> dict:
     return result
 
 
-def summarize(per_example: dict, num_timesteps: int) -> dict:
-    """Accuracy and mean cross-entropy (nats) of per-example ``t``, ``label``, ``predicted``,
-    ``cross_entropy``, overall and for each quarter K of [0, T) (``t * 4 // T == K``), in
-    float64; a quarter without examples gets None."""
+def summarize(per_example: dict) -> dict:
+    """Accuracy and mean cross-entropy (nats) of per-example ``quarter``, ``label``,
+    ``predicted``, ``cross_entropy``, overall and for each quarter K of the noise levels
+    (``objective.quarter``), in float64; a quarter without examples gets None."""
     correct = (per_example["predicted"] == per_example["label"]).astype(np.float64)
     cross_entropy = per_example["cross_entropy"].astype(np.float64)
-    quarter = per_example["t"].astype(np.int64) * 4 // num_timesteps
+    quarter = per_example["quarter"]
     result = {
         "accuracy": float(correct.mean()),
         "cross_entropy": float(cross_entropy.mean()),

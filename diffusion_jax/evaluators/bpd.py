@@ -23,7 +23,7 @@ import json
 import jax
 import numpy as np
 
-from diffusion_jax import config_lib, generate, input_pipeline, likelihood, losses, sharding
+from diffusion_jax import generate, input_pipeline, likelihood, losses, sharding
 from diffusion_jax import noise as noise_lib
 from diffusion_jax.evaluators import common
 
@@ -40,9 +40,8 @@ def make_bound_fn(ctx: common.Context):
     """Jitted ``(params, batch) -> {"total_bpd", "prior_bpd": [B], ...}`` with ``batch =
     {"image", "label", "keys"}`` global arrays sharded over the batch axes; for the variational
     bound also ``"terms_bpd", "mse": [B, T]``."""
-    config, model = ctx.config, ctx.model
+    config, model, objective = ctx.config, ctx.model, ctx.objective
     batch_sharding = sharding.batch_sharding(ctx.mesh)
-    objective = config_lib.make_objective(config)
 
     def network(params, y):
         def apply(x, t):

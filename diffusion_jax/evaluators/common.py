@@ -19,16 +19,17 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import generate, input_pipeline, pretrained, sharding
+from diffusion_jax import config_lib, generate, input_pipeline, pretrained, sharding
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
     """A restored checkpoint, ready to evaluate.
 
-    ``params`` are the EMA parameters of checkpoint ``step``, laid out as ``param_sharding``
-    over ``mesh`` (every device of every process). ``eval_dir`` is ``workdir/eval``; only the
-    main process (``is_main``) writes there.
+    ``model`` is the network, ``objective`` the objective it was trained with; ``params`` are
+    the EMA parameters of checkpoint ``step``, laid out as ``param_sharding`` over ``mesh``
+    (every device of every process). ``eval_dir`` is ``workdir/eval``; only the main process
+    (``is_main``) writes there.
     """
 
     config: Any
@@ -36,6 +37,7 @@ class Context:
     step: int
     mesh: jax.sharding.Mesh
     model: Any
+    objective: Any
     params: Any
     param_sharding: Any
     eval_dir: epath.Path
@@ -62,6 +64,7 @@ def restore(config, workdir, step: int) -> Context:
         step=step,
         mesh=mesh,
         model=model,
+        objective=config_lib.make_objective(config),
         params=params,
         param_sharding=param_sharding,
         eval_dir=workdir / "eval",
