@@ -14,6 +14,7 @@ import pytest
 from diffusion_jax.models import DiT
 from diffusion_jax.models.dit import (
     DiTBlock,
+    FinalLayer,
     dit_config,
     dit_timestep_embedding,
     sincos_2d_table,
@@ -52,6 +53,14 @@ def _random_params(model, x, t, y=None, seed=0):
     (The zero-initialised adaLN and output layers make a fresh DiT output exactly zero.)
     """
     shapes = jax.eval_shape(lambda: _init(model, x, t, y))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+def _random_params_of(module, *args, seed=0):
+    """Random N(0, 0.2^2) parameters of a submodule called with float32 ``args``."""
+    args = [jnp.asarray(a, jnp.float32) for a in args]
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes)
 
@@ -185,6 +194,56 @@ def test_unpatchify_by_hand():
     # One 2x2 patch of two channels: features ordered (p_row, p_col, channel).
     image = unpatchify(jnp.arange(8).reshape(1, 1, 8), 2, 2)
     np.testing.assert_array_equal(image[0], [[[0, 1], [2, 3]], [[4, 5], [6, 7]]])
+
+
+def _np_layer_norm(x):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+
+
+def _np_dense(p, x):
+    return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def _np_silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def test_block_and_final_layer_match_formulas():
+    # The official block and final layer written out in float64 NumPy, for random parameters:
+    # chunk order (shift, scale, gate), qkv channels [3, heads, head_dim], 1/sqrt(head_dim),
+    # tanh GELU, LayerNorm eps 1e-6 without affine.
+    B, T, D, heads = 2, 5, 8, 2
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (B, T, D)), np.float64)
+    c = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (B, D)), np.float64)
+    block = DiTBlock(num_heads=heads, mlp_ratio=2.0)
+    p = _random_params_of(block, x, c, seed=1)["params"]
+    mod = _np_dense(p["adaLN_modulation"], _np_silu(c))[:, None, :]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = np.split(mod, 6, -1)
+    h = _np_layer_norm(x) * (1 + scale_msa) + shift_msa
+    q, k, v = np.moveaxis(_np_dense(p["attn"]["qkv"], h).reshape(B, T, 3, heads, D // heads), 2, 0)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D // heads)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    attn = _np_dense(p["attn"]["proj"], np.einsum("bhqk,bkhd->bqhd", w, v).reshape(B, T, D))
+    x1 = x + gate_msa * attn
+    h = _np_dense(p["mlp"]["fc1"], _np_layer_norm(x1) * (1 + scale_mlp) + shift_mlp)
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    expected = x1 + gate_mlp * _np_dense(p["mlp"]["fc2"], h)
+    out = jax.jit(block.apply)(
+        {"params": p}, jnp.asarray(x, jnp.float32), jnp.asarray(c, jnp.float32)
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+    final = FinalLayer(patch_size=2, out_channels=3)
+    p = _random_params_of(final, x, c, seed=2)["params"]
+    shift, scale = np.split(_np_dense(p["adaLN_modulation"], _np_silu(c))[:, None, :], 2, -1)
+    expected = _np_dense(p["linear"], _np_layer_norm(x) * (1 + scale) + shift)
+    out = jax.jit(final.apply)(
+        {"params": p}, jnp.asarray(x, jnp.float32), jnp.asarray(c, jnp.float32)
+    )
+    assert out.shape == (B, T, 2 * 2 * 3)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_fresh_init_float32_zero_output_and_official_init():
