@@ -6,8 +6,9 @@ initialisation follow the official PyTorch code (github.com/facebookresearch/DiT
 and the submodule names mirror its ``state_dict`` keys (``x_embedder``, ``t_embedder/mlp_0``,
 ``t_embedder/mlp_2``, ``y_embedder/embedding_table``, ``blocks_<i>/attn/qkv``,
 ``blocks_<i>/attn/proj``, ``blocks_<i>/mlp/fc1``, ``blocks_<i>/mlp/fc2``,
-``blocks_<i>/adaLN_modulation``, ``final_layer/adaLN_modulation``, ``final_layer/linear``), so
-its checkpoints can be imported by transposing the weights (Linear [out, in] -> Dense [in, out];
+``blocks_<i>/adaLN_modulation``, ``final_layer/adaLN_modulation``, ``final_layer/linear``;
+the official's ``mlp.0``/``mlp.2`` and ``adaLN_modulation.1`` are Sequential indices), so its
+checkpoints can be imported by transposing the weights (Linear [out, in] -> Dense [in, out];
 Conv2d [out, in, p, p] -> [p, p, in, out]). The qkv projection keeps the official channel
 layout ``[3, num_heads, head_dim]``.
 
