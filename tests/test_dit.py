@@ -202,7 +202,10 @@ def _np_layer_norm(x):
 
 
 def _np_dense(p, x):
-    return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+    """``x [..., in] @ kernel + bias`` with the kernel flattened to [in, out] (attention's
+    kernels have head axes)."""
+    kernel = np.asarray(p["kernel"], np.float64).reshape(x.shape[-1], -1)
+    return x @ kernel + np.asarray(p["bias"], np.float64).reshape(-1)
 
 
 def _np_silu(x):

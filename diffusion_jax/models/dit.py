@@ -9,8 +9,9 @@ and the submodule names mirror its ``state_dict`` keys (``x_embedder``, ``t_embe
 ``blocks_<i>/adaLN_modulation``, ``final_layer/adaLN_modulation``, ``final_layer/linear``;
 the official's ``mlp.0``/``mlp.2`` and ``adaLN_modulation.1`` are Sequential indices), so its
 checkpoints can be imported by transposing the weights (Linear [out, in] -> Dense [in, out];
-Conv2d [out, in, p, p] -> [p, p, in, out]). The qkv projection keeps the official channel
-layout ``[3, num_heads, head_dim]``.
+Conv2d [out, in, p, p] -> [p, p, in, out]) and, for attention, reshaping: ``attn/qkv`` has the
+kernel ``[D, 3, num_heads, head_dim]`` (the official's output channels are laid out that way)
+and ``attn/proj`` ``[num_heads, head_dim, D]``.
 
 The fixed 2-D sin-cos position table is NOT a parameter here: it is recomputed (in NumPy, at
 trace time) as a constant of the computation, so it never reaches the optimizer, the EMA or a
@@ -151,8 +152,12 @@ def _layer_norm(dtype: Dtype) -> nn.LayerNorm:
 class Attention(nn.Module):
     """Multi-head self-attention (timm's ``Attention`` with qkv bias): [B, T, D] -> [B, T, D].
 
-    ``qkv``: Dense(D, 3D) whose output channels are laid out ``[3, num_heads, head_dim]``;
-    ``softmax(q k^T / sqrt(head_dim)) v`` with logits and softmax in float32; ``proj``: Dense(D, D).
+    ``qkv``: kernel ``[D, 3, num_heads, head_dim]`` (the official Linear(D, 3D) with its output
+    channels laid out ``[3, num_heads, head_dim]``); ``softmax(q k^T / sqrt(head_dim)) v`` with
+    logits and softmax in float32; ``proj``: kernel ``[num_heads, head_dim, D]`` (Linear(D, D)).
+    Heads are an axis of both kernels, so a mesh axis can split them (tensor parallelism: each
+    device computes its heads' attention, ``proj`` sums over them). Both are initialised as the
+    official Linear layers (xavier-uniform over the flattened [D, 3D] and [D, D] views).
     """
 
     num_heads: int
@@ -162,12 +167,21 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, D = x.shape
         hd = D // self.num_heads
-        qkv = _dense(3 * D, self.dtype, "qkv")(x).reshape(B, T, 3, self.num_heads, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, heads, hd]
+        dense = lambda features, axis, name: nn.DenseGeneral(
+            features,
+            axis=axis,
+            kernel_init=xavier_uniform,
+            bias_init=zeros,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name=name,
+        )
+        qkv = dense((3, self.num_heads, hd), -1, "qkv")(x)  # [B, T, 3, heads, hd]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits * (hd**-0.5), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, T, D)
-        return _dense(D, self.dtype, "proj")(out)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return dense(D, (-2, -1), "proj")(out)
 
 
 class Mlp(nn.Module):
