@@ -1,4 +1,6 @@
-"""Building blocks of the DDPM U-Net (Ho et al. 2020, appendix B).
+"""Building blocks of the DDPM U-Net (Ho et al. 2020, appendix B), with the options of
+improved-diffusion / ADM (Nichol & Dhariwal 2021, Dhariwal & Nichol 2021): AdaGN and
+resampling in ResBlock, several heads in AttnBlock; off by default.
 
 All modules take NHWC activations. `dtype` is the compute dtype; parameters are always
 created in float32. Initialisers follow the reference implementation: variance scaling

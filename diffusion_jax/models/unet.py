@@ -4,6 +4,10 @@ Defaults are the CIFAR-10 network: 35,746,307 parameters (the paper's 35.7M). Th
 models use `ch_mult=(1, 1, 2, 2, 4, 4)` (113,673,219 parameters, the paper's 114M).
 The count depends on the input size only through which levels get attention.
 
+``UNet``'s ADM options (AdaGN, multi-head attention, resampling ResBlocks, a label table
+without the null label) give improved-diffusion's and guided-diffusion's networks with their
+parameter counts; see the class docstring.
+
 CPU performance (jaxlib 0.10): training is 10-30% faster with XLA's Eigen convolutions
 instead of YNNPACK's, whose weight-gradient convolutions are slow:
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce`, set before JAX
