@@ -1,15 +1,20 @@
-"""Tests of the DDPM U-Net: shapes, parameter counts, conditioning, dropout, validation."""
+"""Tests of the DDPM U-Net: shapes, parameter counts, conditioning, dropout, validation; and of
+its ADM options (AdaGN, multi-head attention, resampling ResBlocks, a label table without the
+null label)."""
 
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from diffusion_jax.models import UNet
-from diffusion_jax.models.layers import timestep_embedding
+from diffusion_jax.models.classifier import NoisyClassifier
+from diffusion_jax.models.layers import AttnBlock, ResBlock, timestep_embedding
+from diffusion_jax.models.unet import attn_heads
 
 TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
 
@@ -37,12 +42,13 @@ def _random_params(model, x, t, y=None, seed=0):
     return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
-def _param_count(model, hw, channels=3):
+def _param_count(model, hw, channels=3, y=None):
     shapes = jax.eval_shape(
         lambda: model.init(
             jax.random.PRNGKey(0),
             jnp.zeros((1, hw, hw, channels)),
             jnp.zeros((1,), jnp.int32),
+            y,
             train=False,
         )
     )
@@ -175,3 +181,231 @@ def test_model_feeds_timestep_embedding_to_first_dense(tiny):
     np.testing.assert_allclose(
         state["intermediates"]["temb_dense0"]["__call__"][0], expected, rtol=1e-5, atol=1e-5
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# ADM options (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021).
+
+
+def test_param_count_improved_diffusion_cifar10():
+    # improved-diffusion's CIFAR-10 flags: num_channels 128, num_res_blocks 3, learn_sigma,
+    # dropout 0.3, attention at 16 and 8, num_heads 4, use_scale_shift_norm, channel_mult
+    # (1, 2, 2, 2), conv resampling; their UNetModel has 52,546,438 parameters.
+    model = UNet(
+        ch=128,
+        num_res_blocks=3,
+        out_channels=6,
+        dropout=0.3,
+        attn_resolutions=(16, 8),
+        num_heads=4,
+        scale_shift_norm=True,
+    )
+    assert _param_count(model, 32) == 52_546_438
+
+
+def test_param_count_adm_imagenet64():
+    # guided-diffusion's ImageNet-64 model (README flags): 295,904,454 parameters.
+    model = UNet(
+        ch=192,
+        ch_mult=(1, 2, 3, 4),
+        num_res_blocks=3,
+        attn_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        resblock_updown=True,
+        scale_shift_norm=True,
+        out_channels=6,
+        dropout=0.1,
+        num_classes=1000,
+        null_label=False,
+    )
+    assert _param_count(model, 64, y=jnp.zeros((1,), jnp.int32)) == 295_904_454
+
+
+def _np_group_norm(x, p, groups, eps=1e-6):
+    B, H, W, C = x.shape
+    g = x.reshape(B, H, W, groups, C // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = g.var(axis=(1, 2, 4), keepdims=True)
+    g = (g - mean) / np.sqrt(var + eps)
+    return g.reshape(x.shape) * p["scale"] + p["bias"]
+
+
+def _np_conv3x3(x, p):
+    H, W = x.shape[1:3]
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = sum(xp[:, i : i + H, j : j + W] @ p["kernel"][i, j] for i in range(3) for j in range(3))
+    return out + p["bias"]
+
+
+def _np_swish(x):
+    return x / (1 + np.exp(-x))
+
+
+_NP_RESAMPLE = {
+    None: lambda x: x,
+    "down": lambda x: x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2] // 2, 2, -1).mean(
+        axis=(2, 4)
+    ),
+    "up": lambda x: x.repeat(2, axis=1).repeat(2, axis=2),
+}
+
+
+def _np_resblock(p, x, temb, groups, scale_shift_norm, resample=None):
+    """guided-diffusion's ResBlock._forward, written out in NumPy (float64)."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    x, temb = np.asarray(x, np.float64), np.asarray(temb, np.float64)
+    h = _np_swish(_np_group_norm(x, p["norm1"], groups))
+    h, x = _NP_RESAMPLE[resample](h), _NP_RESAMPLE[resample](x)
+    h = _np_conv3x3(h, p["conv1"])
+    emb = (_np_swish(temb) @ p["temb_proj"]["kernel"] + p["temb_proj"]["bias"])[:, None, None]
+    if scale_shift_norm:
+        scale, shift = np.split(emb, 2, axis=-1)
+        h = _np_group_norm(h, p["norm2"], groups) * (1 + scale) + shift
+    else:
+        h = _np_group_norm(h + emb, p["norm2"], groups)
+    h = _np_conv3x3(_np_swish(h), p["conv2"])
+    return x + h
+
+
+def _block_params(block, *args, seed=0, **kwargs):
+    shapes = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0), *args, **kwargs))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+@pytest.mark.parametrize(
+    "scale_shift_norm, resample", [(False, None), (True, None), (True, "down"), (False, "up")]
+)
+def test_resblock_matches_numpy(scale_shift_norm, resample):
+    block = ResBlock(8, 0.0, num_groups=2, scale_shift_norm=scale_shift_norm, resample=resample)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 8))
+    temb = jax.random.normal(jax.random.PRNGKey(2), (2, 16))
+    params = _block_params(block, x, temb, train=False)
+    proj = params["params"]["temb_proj"]["kernel"]
+    assert proj.shape == (16, 16 if scale_shift_norm else 8)
+    out = jax.jit(lambda p: block.apply(p, x, temb, train=False))(params)
+    expected = _np_resblock(params["params"], x, temb, 2, scale_shift_norm, resample)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("resample", ["down", "up"])
+def test_resampling_resblock_skip_path_resamples(resample):
+    # With conv2 zero the residual branch is zero: the block is its resampled skip input.
+    block = ResBlock(8, 0.0, num_groups=2, scale_shift_norm=True, resample=resample)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 8))
+    temb = jax.random.normal(jax.random.PRNGKey(2), (2, 16))
+    params = _block_params(block, x, temb, train=False)
+    params["params"]["conv2"] = jax.tree.map(jnp.zeros_like, params["params"]["conv2"])
+    out = jax.jit(lambda p: block.apply(p, x, temb, train=False))(params)
+    np.testing.assert_allclose(out, _NP_RESAMPLE[resample](np.asarray(x)), rtol=1e-6, atol=1e-6)
+
+
+def _np_attention(p, x, groups, num_heads):
+    """Multi-head self-attention written out in NumPy (float64), head by head."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    x = np.asarray(x, np.float64)
+    B, H, W, C = x.shape
+    d = C // num_heads
+    h = _np_group_norm(x, p["norm"], groups).reshape(B, H * W, C)
+    q, k, v = (h @ p[n]["kernel"] + p[n]["bias"] for n in "qkv")
+    heads = []
+    for i in range(num_heads):
+        s = slice(i * d, (i + 1) * d)
+        logits = np.einsum("bqc,bkc->bqk", q[..., s], k[..., s]) / np.sqrt(d)
+        w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        heads.append(np.einsum("bqk,bkc->bqc", w / w.sum(axis=-1, keepdims=True), v[..., s]))
+    out = np.concatenate(heads, axis=-1) @ p["proj_out"]["kernel"] + p["proj_out"]["bias"]
+    return x + out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_multihead_attention_matches_numpy(num_heads):
+    block = AttnBlock(num_groups=2, num_heads=num_heads)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 16))
+    params = _block_params(block, x)
+    out = jax.jit(block.apply)(params, x)
+    expected = _np_attention(params["params"], x, 2, num_heads)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+class _DDPMAttnBlock(nn.Module):
+    """The single-head AttnBlock as it was before heads were added, verbatim."""
+
+    num_groups: int = 32
+
+    @nn.compact
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        h = nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-6, name="norm")(x)
+
+        def proj(name):
+            return nn.Dense(C, name=name)
+
+        q = proj("q")(h).reshape(B, H * W, C)
+        k = proj("k")(h).reshape(B, H * W, C)
+        v = proj("v")(h).reshape(B, H * W, C)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * (C**-0.5), axis=-1)
+        h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(B, H, W, C)
+        return x + proj("proj_out")(h)
+
+
+def test_one_head_attention_is_the_ddpm_block_bit_for_bit():
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 32))
+    params = _block_params(AttnBlock(num_groups=4), x)
+    new = jax.jit(AttnBlock(num_groups=4).apply)(params, x)
+    old = jax.jit(_DDPMAttnBlock(num_groups=4).apply)(params, x)
+    np.testing.assert_array_equal(new, old)
+
+
+def test_num_head_channels_sets_the_heads():
+    assert attn_heads(UNet(num_heads=3, num_head_channels=8), 32) == 4
+    assert attn_heads(UNet(num_heads=3), 32) == 3
+    x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+    init = lambda model: jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), x, t, train=False)
+    )
+    # Attention over 16 channels at 8x8 and 32 at 4x4: 8 channels per head override num_heads
+    # 3, which alone does not divide 16; 12 channels per head do not divide either.
+    init(UNet(**{**TINY, "attn_resolutions": (8, 4)}, num_heads=3, num_head_channels=8))
+    with pytest.raises(ValueError, match="cannot have 3 heads"):
+        init(UNet(**TINY, num_heads=3))
+    with pytest.raises(ValueError, match="num_head_channels=12"):
+        init(UNet(**TINY, num_head_channels=12))
+
+
+def test_resblock_updown_unet_shapes_and_layers():
+    model = UNet(**TINY, out_channels=6, resblock_updown=True, scale_shift_norm=True)
+    x, t = jnp.zeros((2, 8, 8, 3)), jnp.zeros((2,), jnp.int32)
+    out, variables = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.PRNGKey(0), x, t, train=False)
+    )
+    assert out.shape == (2, 8, 8, 6)
+    params = variables["params"]
+    for name, c in (("down_0_downsample", 16), ("up_1_upsample", 32)):
+        assert set(params[name]) == {"norm1", "conv1", "temb_proj", "norm2", "conv2"}
+        assert params[name]["conv1"]["kernel"].shape == (3, 3, c, c)
+        assert params[name]["temb_proj"]["kernel"].shape == (64, 2 * c)  # AdaGN: 2 * c
+    # The classifier's trunk is the same layers under the same names.
+    clf = NoisyClassifier(num_classes=3, **TINY, resblock_updown=True, scale_shift_norm=True)
+    clf_params = jax.eval_shape(lambda: clf.init(jax.random.PRNGKey(0), x, t, train=False))
+    trunk = {k: v for k, v in clf_params["params"].items() if k not in ("norm_out", "head")}
+    assert jax.tree.map(lambda s: s.shape, trunk) == jax.tree.map(
+        lambda s: s.shape, {k: params[k] for k in trunk}
+    )
+
+
+def test_label_table_without_null_label():
+    model = UNet(**TINY, num_classes=10, null_label=False)
+    x, t = jnp.zeros((3, 8, 8, 3)), jnp.array([5, 5, 5])
+    y = jnp.array([0, 3, 9])
+    params = _random_params(model, x, t, y)
+    assert params["params"]["label_emb"]["embedding"].shape == (10, 4 * TINY["ch"])
+    assert np.all(np.isfinite(_apply(model, params, x, t, y)))
+    # Label 10 (the null label of a num_classes + 1 table) is refused with concrete labels ...
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\).*null_label=False"):
+        model.apply(params, x, t, jnp.array([0, 3, 10]), train=False)
+    # ... and under jit, where labels cannot be checked, it poisons its example with NaN.
+    out = _apply(model, params, x, t, jnp.array([0, 3, 10]))
+    assert np.all(np.isfinite(out[:2])) and np.all(np.isnan(out[2]))

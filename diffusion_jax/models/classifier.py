@@ -42,6 +42,8 @@ class NoisyClassifier(nn.Module):
       ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv, num_groups,
         dtype: as in ``models.unet.UNet``; they shape the same downsampling half and middle
         block. The DDPM CIFAR-10 values give the CIFAR-10 U-Net's down half.
+      scale_shift_norm, num_heads, num_head_channels, resblock_updown: ADM's options, as in
+        ``models.unet.UNet`` (off by default).
     """
 
     num_classes: int
@@ -53,6 +55,10 @@ class NoisyClassifier(nn.Module):
     resamp_with_conv: bool = True
     num_groups: int = 32
     dtype: Any = jnp.float32
+    scale_shift_norm: bool = False
+    num_heads: int = 1
+    num_head_channels: int = -1
+    resblock_updown: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:

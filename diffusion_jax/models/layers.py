@@ -1,4 +1,6 @@
-"""Building blocks of the DDPM U-Net (Ho et al. 2020, appendix B).
+"""Building blocks of the DDPM U-Net (Ho et al. 2020, appendix B), with the options of
+improved-diffusion / ADM (Nichol & Dhariwal 2021, Dhariwal & Nichol 2021): AdaGN and
+resampling in ResBlock, several heads in AttnBlock; off by default.
 
 All modules take NHWC activations. `dtype` is the compute dtype; parameters are always
 created in float32. Initialisers follow the reference implementation: variance scaling
@@ -76,33 +78,67 @@ def group_norm(num_groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
     )
 
 
+def downsample_avg(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2: [B,H,W,C] -> [B,H/2,W/2,C]."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour doubling: [B,H,W,C] -> [B,2H,2W,C]."""
+    B, H, W, C = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+    return x.reshape(B, 2 * H, 2 * W, C)
+
+
+_RESAMPLE = {"down": downsample_avg, "up": upsample_nearest}
+
+
 class ResBlock(nn.Module):
     """Residual block: GN-swish-conv, + Dense(swish(temb)), GN-swish-dropout-conv, + skip.
 
     x: [B,H,W,Cin], temb: [B,E] -> [B,H,W,out_ch]. A 1x1 projection (with bias) maps the
     skip path when Cin != out_ch.
+
+    ``scale_shift_norm`` (AdaGN, Dhariwal & Nichol 2021; improved/guided-diffusion's
+    ``use_scale_shift_norm``): ``temb_proj`` outputs ``2 * out_ch``, split into ``(scale, shift)``
+    (scale first), and the second norm becomes ``norm2(h) * (1 + scale) + shift`` instead of
+    ``norm2(h + temb_proj)``.
+
+    ``resample`` "down" / "up" (BigGAN-style resampling, guided-diffusion's ``down``/``up``
+    ResBlock): after norm1 and swish, both the residual path and the skip input are resampled
+    without parameters (2x2 average pooling / nearest-neighbour doubling) before conv1; the
+    output is [B,H/2,W/2,out_ch] or [B,2H,2W,out_ch].
     """
 
     out_ch: int
     dropout: float
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    scale_shift_norm: bool = False
+    resample: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
+        if self.resample is not None:
+            if self.resample not in _RESAMPLE:
+                raise ValueError(f"resample must be None, 'down' or 'up', got {self.resample!r}")
+            h, x = _RESAMPLE[self.resample](h), _RESAMPLE[self.resample](x)
         h = Conv3x3(self.out_ch, dtype=self.dtype, name="conv1")(h)
-        h = (
-            h
-            + nn.Dense(
-                self.out_ch,
-                kernel_init=default_init,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name="temb_proj",
-            )(nn.swish(temb))[:, None, None, :]
-        )
-        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
+        emb = nn.Dense(
+            2 * self.out_ch if self.scale_shift_norm else self.out_ch,
+            kernel_init=default_init,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="temb_proj",
+        )(nn.swish(temb))[:, None, None, :]
+        norm2 = group_norm(self.num_groups, self.dtype, "norm2")
+        if self.scale_shift_norm:
+            scale, shift = jnp.split(emb, 2, axis=-1)
+            h = norm2(h) * (1 + scale) + shift
+        else:
+            h = norm2(h + emb)
+        h = nn.swish(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = Conv3x3(self.out_ch, kernel_init=zero_init, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
@@ -117,18 +153,26 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, with residual connection.
+    """Multi-head self-attention over all H*W positions, with residual connection.
 
     x: [B,H,W,C] -> [B,H,W,C]. q, k, v and the output projection are C->C Dense layers with
-    bias (4C^2 + 4C parameters) plus the GroupNorm's 2C. Logits and softmax in float32.
+    bias (4C^2 + 4C parameters, whatever ``num_heads``) plus the GroupNorm's 2C. Head ``i``
+    attends with channels ``i*d .. (i+1)*d - 1`` (``d = C / num_heads``) of q, k and v, logits
+    scaled by ``1/sqrt(d)``; the heads' outputs are concatenated in that order before the output
+    projection. One head is DDPM's block. Logits and softmax in float32.
     """
 
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    num_heads: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         B, H, W, C = x.shape
+        nh = self.num_heads
+        if nh < 1 or C % nh:
+            raise ValueError(f"attention over {C} channels cannot have {nh} heads")
+        d = C // nh
         h = group_norm(self.num_groups, self.dtype, "norm")(x)
 
         def proj(name, init=default_init):
@@ -136,12 +180,16 @@ class AttnBlock(nn.Module):
                 C, kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32, name=name
             )
 
-        q = proj("q")(h).reshape(B, H * W, C)
-        k = proj("k")(h).reshape(B, H * W, C)
-        v = proj("v")(h).reshape(B, H * W, C)
+        def split_heads(a):  # [B,H,W,C] -> [B*nh, H*W, d]
+            return a.reshape(B, H * W, nh, d).transpose(0, 2, 1, 3).reshape(B * nh, H * W, d)
+
+        q = split_heads(proj("q")(h))
+        k = split_heads(proj("k")(h))
+        v = split_heads(proj("v")(h))
         logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * (C**-0.5), axis=-1).astype(self.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(B, H, W, C)
+        weights = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(self.dtype)
+        h = jnp.einsum("bqk,bkc->bqc", weights, v)
+        h = h.reshape(B, nh, H * W, d).transpose(0, 2, 1, 3).reshape(B, H, W, C)
         return x + proj("proj_out", zero_init)(h)
 
 
@@ -155,7 +203,7 @@ class Downsample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.with_conv:
             return Conv3x3(x.shape[-1], stride=2, dtype=self.dtype, name="op")(x)
-        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+        return downsample_avg(x)
 
 
 class Upsample(nn.Module):
@@ -166,9 +214,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        B, H, W, C = x.shape
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
-        x = x.reshape(B, 2 * H, 2 * W, C)
+        x = upsample_nearest(x)
         if self.with_conv:
-            x = Conv3x3(C, dtype=self.dtype, name="op")(x)
+            x = Conv3x3(x.shape[-1], dtype=self.dtype, name="op")(x)
         return x
