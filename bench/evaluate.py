@@ -35,11 +35,11 @@ from diffusion_jax.evaluators import bpd, common  # noqa: E402
 
 
 def make_config(args, sampling_steps: int = 0):
-    """DDPM CIFAR-10 with T = ``--steps``, ``model.ch = --ch``, sampling respaced to
+    """DDPM CIFAR-10 with T = ``--steps``, ``model.unet.ch = --ch``, sampling respaced to
     ``sampling_steps`` (0: all T)."""
     config = config_defaults.get_config()
-    config.model.ch = args.ch
-    config.model.num_groups = min(32, args.ch)
+    config.model.unet.ch = args.ch
+    config.model.unet.num_groups = min(32, args.ch)
     config.diffusion.num_timesteps = args.steps
     config.eval.batch_size = args.batch
     config.sampling.num_steps = sampling_steps
@@ -133,7 +133,7 @@ def bench_inception(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=2, help="samples / images per call")
-    parser.add_argument("--ch", type=int, default=128, help="model.ch (128: the paper's)")
+    parser.add_argument("--ch", type=int, default=128, help="model.unet.ch (128: the paper's)")
     parser.add_argument("--steps", type=int, default=1000, help="T: the full chain's steps")
     parser.add_argument("--respaced_steps", type=int, default=100, help="0 skips it")
     parser.add_argument("--skip_bpd", action="store_true", help="skip the bound")

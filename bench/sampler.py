@@ -17,19 +17,22 @@ Samplers:
     respaced to that many);
   - every method of ``sampling.SAMPLING_METHODS`` (``ancestral_respaced`` for ancestral) over
     ``--respaced_steps`` grid steps (0 skips them): as many evaluations, heun 2K - 1;
+  - every method of ``ode_sampling.METHODS`` for the EDM and flow objectives
+    (``edm_heun``, ``flow_dpmpp_2m``, ...) over ``--respaced_steps`` steps of their time
+    grids (the U-Net as their bare network; evaluations: ``ode_sampling.num_evaluations``);
   - with ``--record_every N``, also ``ancestral`` recording the trajectory every N steps;
   - ``sampler_guidance``: classifier-free and classifier guidance against unguided sampling of
     the same conditional network, ``--guidance_steps`` steps (``bench_guidance``).
 
 Then the chains without the network (``model_fn`` a cheap elementwise function), every method
-over ``--steps`` steps and ancestral also recording its trajectory: the cost per evaluation of
-everything the sampler adds (x0 prediction, the method's update, noise, ``timestep_map``
-gather, recording). Timed rounds alternate scan and loop so that load from other processes hits
-both alike; the best wall times, all wall times and the best CPU times (of all this process's
-threads: ``cpu_ratio`` is the steadier figure on a shared machine, where the wall time includes
-waiting for a core) are reported, with the device's peak memory in use so far (None on CPU)
-and the host's.
-"""
+over ``--steps`` steps and ancestral also recording its trajectory, then every ODE method of
+EDM and flow (``method`` "edm_heun", ...) over ``--respaced_steps`` steps: the cost per
+evaluation of everything the sampler adds (x0 prediction, the method's update, noise,
+``timestep_map`` gather, recording). Timed rounds alternate scan and loop so that load from
+other processes hits both alike; the best wall times, all wall times and the best CPU times (of
+all this process's threads: ``cpu_ratio`` is the steadier figure on a shared machine, where the
+wall time includes waiting for a core) are reported, with the device's peak memory in use so
+far (None on CPU) and the host's."""
 
 import argparse
 import functools
@@ -50,12 +53,20 @@ from _common import (  # noqa: E402
     timed,
 )
 
-from diffusion_jax import config_lib, guidance, sampling, schedules  # noqa: E402
+from diffusion_jax import (  # noqa: E402
+    config_lib,
+    guidance,
+    objectives,
+    ode_sampling,
+    sampling,
+    schedules,
+)
 from diffusion_jax.models import NoisyClassifier, UNet  # noqa: E402
 from diffusion_jax.models.classifier import log_prob_fn  # noqa: E402
 
 NUM_TIMESTEPS = 1000  # the trained process; shorter chains are respacings of it
 NUM_CLASSES = 10
+ODE_OBJECTIVES = (objectives.EDM(), objectives.Flow())
 
 
 def make_schedule(num_steps: int) -> schedules.Schedule:
@@ -74,6 +85,26 @@ def make_sampler(model_fn_of, schedule, shape, **sample_kw):
         return out if sample_kw.get("record_every") is None else out[0]
 
     return jax.jit(run)
+
+
+def make_ode_sampler(model_fn_of, objective, shape, method: str, num_steps: int):
+    """Jitted ``(params, rng) -> x0``: ``ode_sampling.sample`` of ``objective`` with the bare
+    network ``model_fn_of(params)``."""
+
+    def run(params, rng):
+        fn = model_fn_of(params)
+        return ode_sampling.sample(fn, objective, shape, rng, method=method, num_steps=num_steps)
+
+    return jax.jit(run)
+
+
+def ode_runs(num_steps: int):
+    """``(name, objective, method, evaluations)`` of every ODE sampler over ``num_steps``."""
+    return [
+        (f"{o.name}_{m}", o, m, ode_sampling.num_evaluations(m, num_steps))
+        for o in ODE_OBJECTIVES
+        for m in ode_sampling.METHODS
+    ]
 
 
 def wall_and_cpu(fn) -> tuple[float, float]:
@@ -150,12 +181,26 @@ def bench_network(args):
                 {"record_every": args.record_every},
             )
         )
-
+    runs = []  # (name, steps, jitted sampler, the timesteps of its evaluations)
     for name, num_steps, kw in configs:
         schedule = make_schedule(num_steps)
         sampler = make_sampler(model_fn_of, schedule, shape, **kw)
+        runs.append(
+            (
+                name,
+                num_steps,
+                sampler,
+                evaluation_timesteps(kw.get("method", "ancestral"), schedule),
+            )
+        )
+    if args.respaced_steps:
+        for name, objective, method, evaluations in ode_runs(args.respaced_steps):
+            sampler = make_ode_sampler(model_fn_of, objective, shape, method, args.respaced_steps)
+            # The network's cost does not depend on the noise level: the loop calls it at t = 0.
+            runs.append((name, args.respaced_steps, sampler, [0] * evaluations))
+
+    for name, num_steps, sampler, timesteps in runs:
         sampler_c, scan_compile_s = time_compile(sampler, params, key)
-        timesteps = evaluation_timesteps(kw.get("method", "ancestral"), schedule)
         loop = make_loop(forward_c, params, x, timesteps)
         scan_t, loop_t = [], []
         for r in range(args.warmup + args.repeats):
@@ -279,27 +324,36 @@ def bench_chain_only(args):
         sampler = make_sampler(
             model_fn_of, schedule, shape, method=method, record_every=record_every
         )
-        sampler_c, compile_s = time_compile(sampler, 0.5, jax.random.PRNGKey(0))
-        times = [
-            wall_and_cpu(functools.partial(sampler_c, 0.5, jax.random.PRNGKey(r)))
-            for r in range(args.warmup + args.repeats)
-        ][args.warmup :]
-        wall, cpu = best(times)
         evaluations = sampling.num_evaluations(method, args.steps)
-        emit(
-            bench="sampler_chain_only",
-            method=method,
-            steps=args.steps,
-            evaluations=evaluations,
-            batch=args.batch,
-            image_size=args.image_size,
-            record_every=record_every,
-            s=wall,
-            s_all=[w for w, _ in times],
-            cpu_s=cpu,
-            per_eval_us=1e6 * wall / evaluations,
-            compile_s=compile_s,
-        )
+        emit_chain_only(args, sampler, method, args.steps, evaluations, record_every)
+    if args.respaced_steps:
+        for name, objective, method, evaluations in ode_runs(args.respaced_steps):
+            sampler = make_ode_sampler(model_fn_of, objective, shape, method, args.respaced_steps)
+            emit_chain_only(args, sampler, name, args.respaced_steps, evaluations, None)
+
+
+def emit_chain_only(args, sampler, method, num_steps, evaluations, record_every):
+    """Times a network-free chain ``sampler(0.5, rng)``; one ``sampler_chain_only`` line."""
+    sampler_c, compile_s = time_compile(sampler, 0.5, jax.random.PRNGKey(0))
+    times = [
+        wall_and_cpu(functools.partial(sampler_c, 0.5, jax.random.PRNGKey(r)))
+        for r in range(args.warmup + args.repeats)
+    ][args.warmup :]
+    wall, cpu = best(times)
+    emit(
+        bench="sampler_chain_only",
+        method=method,
+        steps=num_steps,
+        evaluations=evaluations,
+        batch=args.batch,
+        image_size=args.image_size,
+        record_every=record_every,
+        s=wall,
+        s_all=[w for w, _ in times],
+        cpu_s=cpu,
+        per_eval_us=1e6 * wall / evaluations,
+        compile_s=compile_s,
+    )
 
 
 def main(argv=None):

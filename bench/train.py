@@ -6,6 +6,9 @@ parameters).
     python bench/train.py --dtype bfloat16 --batch 256 --max_batch 8192   # largest batch
     python bench/train.py --ch 16 --ch_mult 1 --num_res_blocks 1 --image_size 8 --batch 2
     python bench/train.py --config configs/cifar10_edm.py    # another objective, same network
+    python bench/train.py --config configs/digits_dit.py --config.model.dit.depth=12
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/train.py --compile_only \
+        --config configs/celebahq256.py --batch 64 --dtype bfloat16 --config.training.fsdp=8
 
 Uses the training program's own pieces: ``sharding.make_mesh``,
 ``train_step.create_train_state`` and the jitted, donated ``train_step.make_train_step``, fed
@@ -23,6 +26,12 @@ first step (compile + one step), the best and mean images/s over the timed steps
     ``peak_device_mib``: the device's peak bytes in use so far (None on CPU);
     ``peak_rss_mib``: the peak host memory so far.
 
+``--config.KEY=VALUE`` sets any config key, as on the programs' command lines (values as
+Python literals, else strings). With ``--compile_only`` the step is compiled for the devices
+present (simulated CPU devices work) and not run: one ``train_step_compiled`` line with the
+parameters, ``program_mib`` per device, XLA's FLOPs per image and the compile time; nothing is
+allocated, so it sizes pod-scale configs on a laptop.
+
 With ``--max_batch N``, batches 2x, 4x, ... the first are tried up to N, each in a fresh state,
 until one fails with XLA's resource-exhausted (out of memory) error: a ``train_step`` line for
 each that ran, then a ``train_step_max_batch`` line with the largest. Only meant for devices
@@ -30,6 +39,7 @@ whose memory XLA manages (GPU, TPU): on CPU the operating system kills the proce
 """
 
 import argparse
+import ast
 import functools
 import importlib.util
 import os
@@ -76,17 +86,32 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         choices=tuple(config_lib.COMPUTE_DTYPES),
         help="training.compute_dtype",
     )
-    parser.add_argument("--ch", type=int, help="override model.ch (smoke runs)")
+    parser.add_argument("--ch", type=int, help="override model.unet.ch (smoke runs)")
     parser.add_argument(
         "--ch_mult",
         type=lambda s: tuple(int(m) for m in s.split(",")),
-        help="override model.ch_mult, comma-separated",
+        help="override model.unet.ch_mult, comma-separated",
     )
-    parser.add_argument("--num_res_blocks", type=int, help="override model.num_res_blocks")
+    parser.add_argument("--num_res_blocks", type=int, help="override model.unet.num_res_blocks")
     parser.add_argument("--image_size", type=int, help="override data.image_size")
     parser.add_argument(
         "--num_classes", type=int, default=10, help="labels of a class-conditional config"
     )
+
+
+def config_overrides(rest: list[str]) -> dict:
+    """``{"model.dit.depth": 12}`` from ``["--config.model.dit.depth=12", ...]`` (values as
+    Python literals, else strings); raises SystemExit naming anything else."""
+    overrides = {}
+    for arg in rest:
+        key, sep, value = arg.partition("=")
+        if not key.startswith("--config.") or not sep:
+            raise SystemExit(f"unrecognised argument {arg!r} (expected --config.KEY=VALUE)")
+        try:
+            overrides[key.removeprefix("--config.")] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key.removeprefix("--config.")] = value
+    return overrides
 
 
 def load_config(args, **training):
@@ -105,11 +130,12 @@ def load_config(args, **training):
         ("num_res_blocks", args.num_res_blocks),
     ):
         if value is not None:
-            config.model[key] = value
+            config.model.unet[key] = value
     # GroupNorm(32) needs >= 32 channels; smaller smoke-run networks use ch groups.
-    config.model.num_groups = min(config.model.num_groups, config.model.ch)
+    config.model.unet.num_groups = min(config.model.unet.num_groups, config.model.unet.ch)
     if args.image_size is not None:
         config.data.image_size = args.image_size
+    config_lib.apply_overrides(config, getattr(args, "overrides", {}))
     return config_lib.validate(
         config, num_devices=jax.device_count(), process_count=jax.process_count()
     )
@@ -177,7 +203,8 @@ def bench_train_step(config, num_steps: int, num_classes: int, peak_tflops=None)
         batch=batch_size,
         dtype=dtype,
         objective=config.objective.name,
-        ch=config.model.ch,
+        network=config.model.name,
+        ch=config.model.unet.ch,
         image_size=config.data.image_size,
         params_m=num_params / 1e6,
         steps=num_steps,
@@ -199,6 +226,43 @@ def bench_train_step(config, num_steps: int, num_classes: int, peak_tflops=None)
         program_mib=program_mib(compiled),
         peak_device_mib=peak_device_mib(),
         peak_rss_mib=peak_rss_mib(),
+    )
+
+
+def compile_train_step(config, num_classes: int) -> dict:
+    """Compiles (does not run) the train step of ``config`` on the devices present, from
+    abstract state and batch; returns the fields of a ``train_step_compiled`` line."""
+    data = config.data
+    image_shape = (data.image_size, data.image_size, data.channels)
+    mesh = sharding.make_mesh(config.training.fsdp)
+    setup = config_lib.make_train_setup(config, num_classes)
+    abstract, shardings = train_step.state_shardings(setup, image_shape, mesh)
+    state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    batch_size = config.training.batch_size
+    spread = sharding.batch_sharding(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), np.float32, sharding=spread),
+        "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=spread),
+    }
+    step_fn = train_step.make_train_step(setup, mesh, shardings)
+    compiled, compile_s = time_compile(step_fn, state, batch)
+    flops = xla_flops(compiled)
+    return dict(
+        platform=jax.devices()[0].platform,
+        num_devices=jax.device_count(),
+        batch=batch_size,
+        dtype=config.training.compute_dtype,
+        network=config.model.name,
+        fsdp=config.training.fsdp,
+        remat=config.training.remat,
+        params=sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(abstract.params)),
+        program_mib=program_mib(compiled),
+        xla_gflop_per_image=(
+            None if flops is None else flops * jax.device_count() / batch_size / 1e9
+        ),
+        compile_s=compile_s,
     )
 
 
@@ -247,11 +311,19 @@ def main(argv=None):
     parser.add_argument(
         "--peak_tflops", type=float, help="peak TFLOP/s of one device (default: by device kind)"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--compile_only", action="store_true", help="compile the step, report its memory"
+    )
+    args, rest = parser.parse_known_args(argv)
+    args.overrides = config_overrides(rest)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
 
     emit_env()
+    if args.compile_only:
+        fields = compile_train_step(load_config(args), args.num_classes)
+        emit(bench="train_step_compiled", config=os.path.relpath(args.config, REPO), **fields)
+        return
     fields = bench_train_step(load_config(args), args.steps, args.num_classes, args.peak_tflops)
     emit(bench="train_step", config=os.path.relpath(args.config, REPO), **fields)
     if args.max_batch:

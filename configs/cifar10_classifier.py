@@ -27,7 +27,7 @@ from diffusion_jax import config_defaults
 def get_config():
     config = config_defaults.get_config()
     config.model.kind = "classifier"
-    config.model.dropout = 0.1
+    config.model.unet.dropout = 0.1
     config.optim.learning_rate = 3e-4
     config.optim.weight_decay = 0.05
     config.optim.warmup_steps = 0

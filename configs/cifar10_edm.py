@@ -16,7 +16,7 @@ from diffusion_jax import config_defaults
 
 def get_config():
     config = config_defaults.use_objective(config_defaults.get_config(), "edm")
-    config.model.dropout = 0.13
+    config.model.unet.dropout = 0.13
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 19_531
     config.optim.grad_clip_norm = 0.0

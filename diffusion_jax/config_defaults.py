@@ -32,17 +32,38 @@ def get_config():
     # p(y | x_t) for classifier guidance (models.NoisyClassifier: the U-Net's down half and
     # middle block, a pooled head), trained on x_t of the diffusion.* process by cross-entropy.
     model.kind = "denoiser"
-    model.ch = 128
-    model.ch_mult = (1, 2, 2, 2)
-    model.num_res_blocks = 2
-    model.attn_resolutions = (16,)
-    model.dropout = 0.1
-    model.resamp_with_conv = True
-    model.num_groups = 32  # GroupNorm groups; every level's channels must be divisible by it
+    # The network (diffusion_jax.models.NETWORKS), each with its group of hyperparameters below
+    # (the group of a network not chosen must keep its defaults): "unet", DDPM's U-Net with
+    # ADM's options (Ho et al. 2020; Nichol & Dhariwal 2021; Dhariwal & Nichol 2021), or "dit",
+    # the Diffusion Transformer (Peebles & Xie 2023). A classifier is the U-Net's down half.
+    model.name = "unet"
     model.class_conditional = False
     # Classifier-free guidance training: each example's label is replaced by the null label
     # with this probability, so one network learns p(x | y) and p(x). Needs class_conditional.
     model.label_dropout = 0.0
+    # The label table's extra "no label" row (classifier-free guidance). False: ADM's table of
+    # num_classes rows, for a class-conditional model that is never trained without labels.
+    model.null_label = True
+
+    model.unet = unet = ml_collections.ConfigDict()  # attributes of models.UNet
+    unet.ch = 128
+    unet.ch_mult = (1, 2, 2, 2)
+    unet.num_res_blocks = 2
+    unet.attn_resolutions = (16,)  # spatial sizes (H) with self-attention
+    unet.dropout = 0.1
+    unet.resamp_with_conv = True
+    unet.num_groups = 32  # GroupNorm groups; every level's channels must be divisible by it
+    unet.scale_shift_norm = False  # ADM's AdaGN: the time embedding scales and shifts the norm
+    unet.num_heads = 1  # attention heads
+    unet.num_head_channels = 0  # if > 0: channels per head instead of num_heads (ADM: 64)
+    unet.resblock_updown = False  # BigGAN-style ResBlocks resample between levels
+
+    model.dit = dit = ml_collections.ConfigDict()  # attributes of models.DiT; defaults: DiT-S/2
+    dit.patch_size = 2
+    dit.hidden_size = 384
+    dit.depth = 12
+    dit.num_heads = 6
+    dit.mlp_ratio = 4.0
 
     # The training objective (diffusion_jax.objectives): "ddpm" (its options are the
     # `diffusion` group below, the name every run saved before objectives existed), "edm"
@@ -94,6 +115,9 @@ def get_config():
     training.grad_accum_steps = 1
     training.compute_dtype = "float32"  # or "bfloat16" (params stay float32)
     training.fsdp = 1  # devices a parameter is sharded over; 1 = pure data parallel
+    # Activation rematerialisation: "none", or "block" (each residual/attention/transformer
+    # block's activations recomputed in the backward pass: less memory, more FLOPs).
+    training.remat = "none"
     training.log_every = 100
     training.checkpoint_every = 5000
     training.keep_checkpoints = 3
@@ -150,9 +174,9 @@ def get_config_256(data_name: str):
     config = get_config()
     config.data.name = data_name
     config.data.image_size = 256
-    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
-    config.model.attn_resolutions = (16,)
-    config.model.dropout = 0.0
+    config.model.unet.ch_mult = (1, 1, 2, 2, 4, 4)
+    config.model.unet.attn_resolutions = (16,)
+    config.model.unet.dropout = 0.0
     config.optim.learning_rate = 2e-5
     config.training.batch_size = 64
     config.training.num_steps = 500_000
@@ -183,6 +207,19 @@ def use_objective(config, name: str, *, method: str = "heun", num_steps: int = 1
     return config
 
 
+def use_network(config, name: str, **attributes):
+    """``config`` with the network ``name`` ("unet" or "dit") set to ``attributes`` (keys of
+    its group ``model.<name>``; the others keep the group's defaults), and every other
+    network's group back to its defaults, which the chosen network does not read. Returns
+    ``config``."""
+    defaults = get_config().model
+    config.model.name = name
+    for other in ("unet", "dit"):
+        config.model[other] = defaults[other]
+    config.model[name].update(attributes)
+    return config
+
+
 def get_config_digits():
     """The quick start (``configs/digits.py``): DDPM on the 8x8 handwritten digits that ship
     with scikit-learn, on the 1500 training images at their native 8x8 grayscale (the other
@@ -193,11 +230,11 @@ def get_config_digits():
     config.data.image_size = 8
     config.data.channels = 1
     config.data.random_flip = False  # digits are not mirror-symmetric
-    config.model.ch = 32
-    config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (4,)
-    config.model.dropout = 0.0
+    config.model.unet.ch = 32
+    config.model.unet.ch_mult = (1, 2)
+    config.model.unet.num_res_blocks = 1
+    config.model.unet.attn_resolutions = (4,)
+    config.model.unet.dropout = 0.0
     config.diffusion.num_timesteps = 200
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 100

@@ -18,19 +18,22 @@ from diffusion_jax import (
     config_defaults,
     diffusion,
     losses,
+    models,
     objectives,
     ode_sampling,
     sampling,
     schedules,
     train_step,
 )
-from diffusion_jax.models import NoisyClassifier, UNet
+from diffusion_jax.models import NoisyClassifier
 from diffusion_jax.objectives.flow import TIME_SAMPLINGS
 
 TIMESTEP_SAMPLINGS = ("uniform", "importance")
 # model.kind: the diffusion model's U-Net, or the noisy-image classifier of classifier guidance.
 MODEL_KINDS = ("denoiser", "classifier")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# training.remat: no rematerialisation, or every block's activations recomputed.
+REMAT = ("none", "block")
 GUIDANCE = ("none", "classifier_free", "classifier")
 
 
@@ -123,7 +126,7 @@ def validate(
     """Checks ``config``; returns it unchanged or raises ``ConfigError`` naming the bad key."""
     _check_schema(config, config_defaults.get_config())
     _validate_objective(config)
-    _choice(config, "model.kind", MODEL_KINDS)
+    _validate_model(config)
     _choice(config, "diffusion.schedule", schedules.BETA_SCHEDULES)
     _choice(config, "diffusion.mean_type", diffusion.MEAN_TYPES)
     _choice(config, "diffusion.var_type", diffusion.VAR_TYPES)
@@ -149,8 +152,6 @@ def validate(
         "eval.ode_steps",
         "data.image_size",
         "data.channels",
-        "model.ch",
-        "model.num_res_blocks",
     ):
         _at_least(config, path, 1)
     for path in (
@@ -171,7 +172,6 @@ def validate(
     for path in ("optim.learning_rate", "optim.eps", "diffusion.min_snr_gamma", "diffusion.p2_k"):
         _positive(config, path)
     for path in (
-        "model.dropout",
         "model.label_dropout",
         "optim.ema_decay",
         "optim.beta1",
@@ -202,20 +202,6 @@ def validate(
             f"'diffusion.num_timesteps' ({config.diffusion.num_timesteps}) give no valid "
             f"schedule: {e}"
         ) from e
-    _at_least(config, "model.num_groups", 1)
-    for mult in config.model.ch_mult:
-        if (config.model.ch * mult) % config.model.num_groups:
-            raise ConfigError(
-                f"Config key 'model.num_groups' ({config.model.num_groups}) must divide the "
-                f"channels of every level, model.ch * model.ch_mult = "
-                f"{[config.model.ch * m for m in config.model.ch_mult]}"
-            )
-    levels = len(config.model.ch_mult)
-    if config.data.image_size % 2 ** (levels - 1):
-        raise ConfigError(
-            f"Config key 'data.image_size' ({config.data.image_size}) must be divisible by "
-            f"2**(len(model.ch_mult) - 1) = {2 ** (levels - 1)}"
-        )
     batch, accum, fsdp = (
         config.training.batch_size,
         config.training.grad_accum_steps,
@@ -291,22 +277,113 @@ def check_classes(config, num_classes: int) -> None:
 OBJECTIVE_GROUPS = {"ddpm": "diffusion", "edm": "objective.edm", "flow": "objective.flow"}
 
 
-def _validate_objective(config) -> None:
-    """``objective.name`` and its options; the options of every other objective must keep
-    their defaults (an option given to the wrong objective would be silently ignored)."""
-    _choice(config, "objective.name", tuple(objectives.OBJECTIVES))
-    name, defaults = config.objective.name, config_defaults.get_config()
-    for other, group in OBJECTIVE_GROUPS.items():
+def _unchosen_at_defaults(config, key: str, groups: dict[str, str], what: str) -> None:
+    """The option groups (``{choice: group path}``) of every choice of ``key`` but the chosen
+    one must keep their defaults: an option given to the wrong ``what`` would be silently
+    ignored."""
+    name, defaults = _get(config, key), config_defaults.get_config()
+    for other, group in groups.items():
         if other == name:
             continue
         changed = differences(_get(defaults, group), _get(config, group))
         if changed:
-            key, (_, value) = next(iter(changed.items()))
+            option, (_, value) = next(iter(changed.items()))
             raise ConfigError(
-                f"Config key '{group}.{key}' ({value!r}) is an option of objective {other!r}, "
-                f"but 'objective.name' is {name!r}: leave it at its default "
-                f"({_get(defaults, group)[key]!r})"
+                f"Config key '{group}.{option}' ({value!r}) is an option of {what} {other!r}, "
+                f"but {key!r} is {name!r}: leave it at its default "
+                f"({_get(defaults, group)[option]!r})"
             )
+
+
+def _validate_model(config) -> None:
+    """``model.kind``, ``model.name`` and the chosen network's group; the groups of the other
+    networks must keep their defaults. Shapes the network cannot take are refused here, before
+    anything compiles."""
+    mcfg = config.model
+    _choice(config, "model.kind", MODEL_KINDS)
+    _choice(config, "model.name", tuple(models.NETWORKS))
+    _choice(config, "training.remat", REMAT)
+    _unchosen_at_defaults(
+        config, "model.name", {name: f"model.{name}" for name in models.NETWORKS}, "network"
+    )
+    if mcfg.kind == "classifier" and mcfg.name != "unet":
+        raise ConfigError(
+            f"Config key 'model.name' is {mcfg.name!r}, but model.kind 'classifier' is the "
+            "U-Net's down half: use 'unet'"
+        )
+    if mcfg.label_dropout and not mcfg.null_label:
+        raise ConfigError(
+            f"Config key 'model.label_dropout' ({mcfg.label_dropout}) trains on the null label, "
+            "which needs 'model.null_label' True"
+        )
+    if mcfg.name == "unet":
+        _validate_unet(config)
+    else:
+        _validate_dit(config)
+
+
+def _validate_unet(config) -> None:
+    unet, size = config.model.unet, config.data.image_size
+    for path in ("model.unet.ch", "model.unet.num_res_blocks", "model.unet.num_groups"):
+        _at_least(config, path, 1)
+    _at_least(config, "model.unet.num_heads", 1)
+    _at_least(config, "model.unet.num_head_channels", 0)
+    _fraction(config, "model.unet.dropout")
+    channels = [unet.ch * mult for mult in unet.ch_mult]
+    for level_channels in channels:
+        if level_channels % unet.num_groups:
+            raise ConfigError(
+                f"Config key 'model.unet.num_groups' ({unet.num_groups}) must divide the "
+                f"channels of every level, model.unet.ch * model.unet.ch_mult = {channels}"
+            )
+    levels = len(unet.ch_mult)
+    if size % 2 ** (levels - 1):
+        raise ConfigError(
+            f"Config key 'data.image_size' ({size}) must be divisible by "
+            f"2**(len(model.unet.ch_mult) - 1) = {2 ** (levels - 1)}"
+        )
+    # Attention runs at the levels whose size is listed, and in the middle block (last level).
+    attended = {c for i, c in enumerate(channels) if size // 2**i in unet.attn_resolutions}
+    attended.add(channels[-1])
+    per_head = unet.num_head_channels
+    key = "model.unet.num_head_channels" if per_head else "model.unet.num_heads"
+    for c in sorted(attended):
+        if c % (per_head or unet.num_heads):
+            raise ConfigError(
+                f"Config key {key!r} ({per_head or unet.num_heads}) must divide the channels "
+                f"of every attention block: {sorted(attended)}"
+            )
+
+
+def _validate_dit(config) -> None:
+    dit, size = config.model.dit, config.data.image_size
+    for path in ("model.dit.patch_size", "model.dit.hidden_size", "model.dit.depth"):
+        _at_least(config, path, 1)
+    _at_least(config, "model.dit.num_heads", 1)
+    _positive(config, "model.dit.mlp_ratio")
+    if size % dit.patch_size:
+        raise ConfigError(
+            f"Config key 'model.dit.patch_size' ({dit.patch_size}) must divide "
+            f"'data.image_size' ({size})"
+        )
+    if dit.hidden_size % dit.num_heads:
+        raise ConfigError(
+            f"Config key 'model.dit.num_heads' ({dit.num_heads}) must divide "
+            f"'model.dit.hidden_size' ({dit.hidden_size})"
+        )
+    if dit.hidden_size % 4:
+        raise ConfigError(
+            f"Config key 'model.dit.hidden_size' ({dit.hidden_size}) must be divisible by 4 "
+            "(the 2-D sin-cos position table)"
+        )
+
+
+def _validate_objective(config) -> None:
+    """``objective.name`` and its options; the options of every other objective must keep
+    their defaults."""
+    _choice(config, "objective.name", tuple(objectives.OBJECTIVES))
+    _unchosen_at_defaults(config, "objective.name", OBJECTIVE_GROUPS, "objective")
+    name = config.objective.name
     if name == "edm":
         for path in ("objective.edm.sigma_data", "objective.edm.p_std", "objective.edm.rho"):
             _positive(config, path)
@@ -489,8 +566,32 @@ def from_dict(
     """Today's defaults updated with ``values`` (a saved config as nested dicts, from
     ``source``), then with ``overrides`` (dotted keys). Not validated."""
     config = config_defaults.get_config()
-    _update(config, values, source)
+    _update(config, _before_registry(values), source)
     return apply_overrides(config, overrides or {})
+
+
+# The U-Net's keys as they stood directly under ``model`` in runs saved before the network
+# registry put them in ``model.unet``.
+_UNET_KEYS_BEFORE_REGISTRY = (
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "dropout",
+    "resamp_with_conv",
+    "num_groups",
+)
+
+
+def _before_registry(values: dict) -> dict:
+    """A saved config with the U-Net's keys moved from ``model`` to ``model.unet`` (a copy)
+    when it is from before the registry; otherwise ``values``."""
+    model = values.get("model", {})
+    moved = {key: model[key] for key in _UNET_KEYS_BEFORE_REGISTRY if key in model}
+    if not moved:
+        return values
+    rest = {key: value for key, value in model.items() if key not in moved}
+    return {**values, "model": {**rest, "unet": {**rest.get("unet", {}), **moved}}}
 
 
 def apply_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
@@ -528,6 +629,7 @@ RESUME_SAFE_KEYS = (
     "training.sample_every",
     "training.grad_accum_steps",
     "training.fsdp",
+    "training.remat",
     "optim",
     "sampling",
     "objective.edm.sigma_min",  # EDM's sampler grid; training does not read it
@@ -672,32 +774,35 @@ def sampler_options(config) -> dict:
     )
 
 
-def make_model(config, num_classes: int | None = None) -> UNet | NoisyClassifier:
-    """The network of ``config.model``: for ``kind`` "denoiser" the U-Net (output channels
-    doubled for a learned variance; a label embedding of ``num_classes + 1`` rows when
-    ``class_conditional``), for "classifier" the noisy-image classifier of ``num_classes``
-    classes (the data set's: ``input_pipeline.dataset_spec``)."""
+def make_model(config, num_classes: int | None = None):
+    """The network of ``config.model``: for ``kind`` "denoiser" ``models.NETWORKS[name]`` with
+    the attributes of its group ``model.<name>`` (output channels doubled for a learned
+    variance; a label embedding when ``class_conditional``, with the null label's row when
+    ``null_label``), for "classifier" the noisy-image classifier of ``num_classes`` classes (the
+    data set's: ``input_pipeline.dataset_spec``) on the ``unet`` group's trunk.
+    ``training.remat`` "block" rematerialises every block of either."""
     mcfg = config.model
-    # The layers both kinds share: the U-Net's trunk (the classifier is its down half).
-    trunk = dict(
-        ch=mcfg.ch,
-        ch_mult=tuple(mcfg.ch_mult),
-        num_res_blocks=mcfg.num_res_blocks,
-        attn_resolutions=tuple(mcfg.attn_resolutions),
-        dropout=mcfg.dropout,
-        resamp_with_conv=mcfg.resamp_with_conv,
-        num_groups=mcfg.num_groups,
+    common = dict(
         dtype=COMPUTE_DTYPES[config.training.compute_dtype],
+        remat=config.training.remat == "block",
     )
     if mcfg.kind == "classifier":
         if not num_classes or num_classes < 2:
             raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes!r}")
-        return NoisyClassifier(num_classes=num_classes, **trunk)
+        return NoisyClassifier(num_classes=num_classes, **network_attributes(config), **common)
     channels = config.data.channels
     if config.diffusion.var_type == "learned_range":
         channels *= 2
-    return UNet(
+    return models.NETWORKS[mcfg.name](
         out_channels=channels,
         num_classes=num_classes if mcfg.class_conditional else None,
-        **trunk,
+        null_label=mcfg.null_label,
+        **network_attributes(config),
+        **common,
     )
+
+
+def network_attributes(config) -> dict:
+    """The module attributes of the group ``model.<model.name>`` (sequences as tuples)."""
+    group = config.model[config.model.name].to_dict()
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}

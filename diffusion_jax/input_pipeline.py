@@ -37,7 +37,7 @@ from absl import logging
 # Data sets whose images are center-cropped and resized to `image_size`: TFDS ones whose native
 # sizes vary or exceed the trained resolution, and image folders. All other data sets must
 # already have exactly the configured shape.
-_RESIZABLE_DATASETS = ("celeb_a_hq", "lsun", "folder")
+_RESIZABLE_DATASETS = ("celeb_a_hq", "lsun", "imagenet2012", "folder")
 # Of those, the ones whose images may also be smaller than `image_size` and are upsampled: a
 # folder of the user's own images holds whatever sizes it holds (the scan logs how many are
 # upsampled). TFDS images must not be: upsampling a benchmark would invent detail unnoticed.

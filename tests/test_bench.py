@@ -78,6 +78,8 @@ def test_bench_scripts_print_json_lines(tmp_path):
     evaluate_lines = _lines(evaluate)
 
     respaced = {"ancestral_respaced": 2, "ddim": 2, "dpmpp_2m": 2, "dpmpp_3m": 2, "heun": 3}
+    ode = {"euler": 2, "heun": 3, "edm_stochastic": 3, "dpmpp_2m": 2, "dpmpp_3m": 2}
+    respaced |= {f"{o}_{m}": n for o in ("edm", "flow") for m, n in ode.items()}
     assert set(sampler_lines) == {
         "env",
         "sampler_chain_only",
@@ -98,8 +100,10 @@ def test_bench_scripts_print_json_lines(tmp_path):
         ("dpmpp_3m", None),
         ("heun", None),
         ("ancestral", 1),
-    ]
-    assert [line["evaluations"] for line in chain_only] == [3, 3, 3, 3, 5, 3]
+    ] + [(f"{o}_{m}", None) for o in ("edm", "flow") for m in ode]
+    assert [line["evaluations"] for line in chain_only] == [3, 3, 3, 3, 5, 3] + 2 * list(
+        ode.values()
+    )
     for line in chain_only:
         _assert_positive(line, ["s", "per_eval_us", "compile_s"])
     for name, evaluations in {"ancestral": 3, **respaced}.items():

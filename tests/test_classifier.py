@@ -62,11 +62,11 @@ def tiny_config(**overrides):
     return _config(
         "digits_classifier",
         **{
-            "model.ch": 32,
-            "model.ch_mult": (1, 2),
-            "model.attn_resolutions": (),
-            "model.num_res_blocks": 1,
-            "model.num_groups": 8,
+            "model.unet.ch": 32,
+            "model.unet.ch_mult": (1, 2),
+            "model.unet.attn_resolutions": (),
+            "model.unet.num_res_blocks": 1,
+            "model.unet.num_groups": 8,
             "diffusion.num_timesteps": NUM_TIMESTEPS,
             "optim.warmup_steps": 0,
             "training.batch_size": 16,
@@ -707,9 +707,9 @@ def test_cifar10_classifier_config_reduced_network_on_mock_data(tmp_path):
     config = _config(
         "cifar10_classifier",
         **{
-            "model.ch": 32,
-            "model.ch_mult": (1, 2),
-            "model.num_res_blocks": 1,
+            "model.unet.ch": 32,
+            "model.unet.ch_mult": (1, 2),
+            "model.unet.num_res_blocks": 1,
             "training.batch_size": 4,
             "training.num_steps": 2,
             "training.log_every": 1,

@@ -51,10 +51,10 @@ def tiny_config(**overrides):
     return _config(
         "digits",
         **{
-            "model.ch": 32,
-            "model.ch_mult": (1,),
-            "model.attn_resolutions": (),
-            "model.num_res_blocks": 1,
+            "model.unet.ch": 32,
+            "model.unet.ch_mult": (1,),
+            "model.unet.attn_resolutions": (),
+            "model.unet.num_res_blocks": 1,
             "diffusion.num_timesteps": 50,
             "training.batch_size": 16,
             "training.num_steps": 2,
@@ -224,7 +224,7 @@ def trained_config():
     time and label embeddings enter the residual blocks (a network blind to t)."""
     config = tiny_config(
         **{
-            "model.num_groups": 8,
+            "model.unet.num_groups": 8,
             "optim.learning_rate": 3e-3,
             "optim.warmup_steps": 5,
             "optim.ema_decay": 0.9,

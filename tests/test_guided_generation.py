@@ -31,7 +31,7 @@ from tests.test_folder_data import folder  # noqa: F401  (the fixture, for this 
 CONDITIONAL = {"model.class_conditional": True, "model.label_dropout": 0.1}
 # GroupNorm over single channels (32 groups of 32 channels) would remove the per-channel offset
 # by which the time and label embeddings enter each residual block: labels would not matter.
-GROUPS = {"model.num_groups": 8}
+GROUPS = {"model.unet.num_groups": 8}
 
 
 @pytest.mark.parametrize(

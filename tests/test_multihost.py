@@ -33,10 +33,10 @@ LOCAL_SH = REPO / "launch" / "local.sh"
 K = 4  # steps before the comparison / the checkpoint that is resumed
 TINY_RUN = (
     "--config=configs/digits.py",
-    "--config.model.ch=32",  # GroupNorm(32) needs ch >= 32
-    "--config.model.ch_mult=(1,)",
-    "--config.model.attn_resolutions=()",
-    "--config.model.num_res_blocks=1",
+    "--config.model.unet.ch=32",  # GroupNorm(32) needs ch >= 32
+    "--config.model.unet.ch_mult=(1,)",
+    "--config.model.unet.attn_resolutions=()",
+    "--config.model.unet.num_res_blocks=1",
     "--config.training.batch_size=16",
     "--config.training.sample_every=0",
     f"--config.training.log_every={K}",

@@ -34,7 +34,7 @@ _STATE_SPECS = textwrap.dedent(
     import jax
     from diffusion_jax import config_defaults, config_lib, sharding, train_step
     config = config_defaults.get_config()
-    config.model.ch_mult = (1, 2)
+    config.model.unet.ch_mult = (1, 2)
     config.diffusion.num_timesteps = 2000
     config.diffusion.loss_type = "hybrid"
     config.diffusion.timestep_sampling = "importance"

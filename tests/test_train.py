@@ -49,10 +49,10 @@ from diffusion_jax import (
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _TINY = {
-    "model.ch": 32,
-    "model.ch_mult": (1,),
-    "model.attn_resolutions": (),
-    "model.num_res_blocks": 1,
+    "model.unet.ch": 32,
+    "model.unet.ch_mult": (1,),
+    "model.unet.attn_resolutions": (),
+    "model.unet.num_res_blocks": 1,
     "diffusion.num_timesteps": 50,
     "training.batch_size": 16,
     "training.log_every": 1,
@@ -382,7 +382,7 @@ def test_resume_lists_every_changed_key_that_is_not_safe(reference, tmp_path):
     config = _reference_config(
         **{
             "seed": 1,
-            "model.ch": 64,
+            "model.unet.ch": 64,
             "diffusion.schedule": "cosine",
             "training.num_steps": _STEPS + 2,  # safe: not listed
             "sampling.num_steps": 10,
@@ -392,7 +392,7 @@ def test_resume_lists_every_changed_key_that_is_not_safe(reference, tmp_path):
         train.train_and_evaluate(config, workdir)
     assert str(error.value) == (
         f"Cannot resume {workdir} (step {_STEPS}) with a changed config: "
-        "diffusion.schedule 'linear' -> 'cosine', model.ch 32 -> 64, seed 0 -> 1. "
+        "diffusion.schedule 'linear' -> 'cosine', model.unet.ch 32 -> 64, seed 0 -> 1. "
         "Use a new --workdir, or restore these values."
     )
     assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints"]
@@ -450,8 +450,8 @@ def test_resume_with_more_steps_continues_and_keeps_every_runs_config(reference,
         ("data.num_workers", 2),
         ("training.batch_size", 8),
         ("training.compute_dtype", "bfloat16"),
-        ("model.ch_mult", (1, 2)),
-        ("model.dropout", 0.2),
+        ("model.unet.ch_mult", (1, 2)),
+        ("model.unet.dropout", 0.2),
         ("model.class_conditional", True),
         ("model.kind", "classifier"),
         ("diffusion.num_timesteps", 100),
@@ -567,11 +567,14 @@ def _replace_group(config, group, **values):
             "(20) give no valid schedule: linear schedule: beta_start=0.005, beta_end=1.0 ",
         ),
         (
-            _tiny(**{"model.ch": 16}),
-            "'model.num_groups' (32) must divide the channels of every level",
+            _tiny(**{"model.unet.ch": 16}),
+            "'model.unet.num_groups' (32) must divide the channels of every level",
         ),
-        (_tiny(**{"model.dropout": 1.0}), "'model.dropout' must lie in [0, 1), got 1.0"),
-        (_tiny(**{"model.dropout": -0.1}), "'model.dropout' must lie in [0, 1), got -0.1"),
+        (_tiny(**{"model.unet.dropout": 1.0}), "'model.unet.dropout' must lie in [0, 1), got 1.0"),
+        (
+            _tiny(**{"model.unet.dropout": -0.1}),
+            "'model.unet.dropout' must lie in [0, 1), got -0.1",
+        ),
         (_tiny(**{"optim.beta1": 1.0}), "'optim.beta1' must lie in [0, 1), got 1.0"),
         (_tiny(**{"optim.beta1": -0.1}), "'optim.beta1' must lie in [0, 1), got -0.1"),
         (_tiny(**{"optim.beta2": 1.0}), "'optim.beta2' must lie in [0, 1), got 1.0"),
@@ -590,8 +593,8 @@ def _replace_group(config, group, **values):
         (_tiny(**{"diffusion.p2_gamma": -0.5}), "'diffusion.p2_gamma' must be >= 0, got -0.5"),
         (_tiny(**{"diffusion.p2_k": float("nan")}), "'diffusion.p2_k' must be > 0, got nan"),
         (
-            _tiny(**{"model.ch_mult": (1, 2, 2, 2, 2)}),
-            "'data.image_size' (8) must be divisible by 2**(len(model.ch_mult) - 1) = 16",
+            _tiny(**{"model.unet.ch_mult": (1, 2, 2, 2, 2)}),
+            "'data.image_size' (8) must be divisible by 2**(len(model.unet.ch_mult) - 1) = 16",
         ),
     ],
 )
@@ -810,9 +813,9 @@ def _assert_finite(metrics):
 
 
 _REDUCED_NETWORK = {
-    "model.ch": 32,
-    "model.ch_mult": (1, 2),
-    "model.num_res_blocks": 1,
+    "model.unet.ch": 32,
+    "model.unet.ch_mult": (1, 2),
+    "model.unet.num_res_blocks": 1,
     "training.batch_size": 2,
     "training.log_every": 1,
     "training.sample_every": 0,

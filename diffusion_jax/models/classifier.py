@@ -43,7 +43,7 @@ class NoisyClassifier(nn.Module):
         dtype: as in ``models.unet.UNet``; they shape the same downsampling half and middle
         block. The DDPM CIFAR-10 values give the CIFAR-10 U-Net's down half.
       scale_shift_norm, num_heads, num_head_channels, resblock_updown: ADM's options, as in
-        ``models.unet.UNet`` (off by default).
+        ``models.unet.UNet`` (off by default); remat: as there.
     """
 
     num_classes: int
@@ -59,6 +59,7 @@ class NoisyClassifier(nn.Module):
     num_heads: int = 1
     num_head_channels: int = -1
     resblock_updown: bool = False
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:

@@ -258,15 +258,17 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """y [B] int -> [B, D] float32: a table of ``num_classes + 1`` rows, normal(0.02); row
-    ``num_classes`` is the null label (classifier-free guidance)."""
+    ``num_classes`` is the null label (classifier-free guidance). Without ``null_label``,
+    ``num_classes`` rows (the official's LabelEmbedder without label dropout)."""
 
     num_classes: int
     hidden_size: int
+    null_label: bool = True
 
     @nn.compact
     def __call__(self, y: jax.Array) -> jax.Array:
         return nn.Embed(
-            self.num_classes + 1,
+            self.num_classes + int(self.null_label),
             self.hidden_size,
             embedding_init=normal_002,
             param_dtype=jnp.float32,
@@ -287,6 +289,7 @@ class DiT(nn.Module):
       num_classes: if set, a label table of ``num_classes + 1`` rows (normal(0.02)) is added to
         the timestep embedding; label ``num_classes`` is the null label of classifier-free
         guidance. None: unconditional.
+      null_label: False drops the null label's row (a model never trained without labels).
       dtype: compute dtype (e.g. bfloat16); parameters are float32, the output is float32.
       remat: wrap each block in ``nn.remat`` (recompute its activations in the backward pass);
         same parameters and results, less memory.
@@ -301,6 +304,7 @@ class DiT(nn.Module):
     out_channels: int
     mlp_ratio: float = 4.0
     num_classes: int | None = None
+    null_label: bool = True
     dtype: Dtype = jnp.float32
     remat: bool = False
 
@@ -361,7 +365,8 @@ class DiT(nn.Module):
         # Conditioning c = MLP(timestep embedding) (+ label embedding).
         c = TimestepEmbedder(D, self.dtype, name="t_embedder")(t)
         if y is not None:
-            c = c + LabelEmbedder(self.num_classes, D, name="y_embedder")(y).astype(c.dtype)
+            labels = LabelEmbedder(self.num_classes, D, self.null_label, name="y_embedder")
+            c = c + labels(y).astype(c.dtype)
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):

@@ -118,7 +118,7 @@ class ResBlock(nn.Module):
     resample: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
         h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
         if self.resample is not None:
             if self.resample not in _RESAMPLE:

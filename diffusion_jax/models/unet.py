@@ -65,8 +65,10 @@ def attn_heads(module: nn.Module, channels: int) -> int:
 
 
 def resblock(module: nn.Module, out_ch: int, name: str, resample: str | None = None):
-    """A ``ResBlock`` with ``module``'s options (dropout, groups, dtype, AdaGN)."""
-    return ResBlock(
+    """A ``ResBlock`` with ``module``'s options (dropout, groups, dtype, AdaGN), rematerialised
+    with ``module.remat``: called ``(x, temb, train)``."""
+    cls = nn.remat(ResBlock, static_argnums=(3,)) if module.remat else ResBlock
+    return cls(
         out_ch,
         module.dropout,
         module.num_groups,
@@ -78,10 +80,10 @@ def resblock(module: nn.Module, out_ch: int, name: str, resample: str | None = N
 
 
 def attention(module: nn.Module, channels: int, name: str) -> AttnBlock:
-    """An ``AttnBlock`` over ``channels`` with ``module``'s groups, dtype and heads."""
-    return AttnBlock(
-        module.num_groups, module.dtype, num_heads=attn_heads(module, channels), name=name
-    )
+    """An ``AttnBlock`` over ``channels`` with ``module``'s groups, dtype and heads,
+    rematerialised with ``module.remat``."""
+    cls = nn.remat(AttnBlock) if module.remat else AttnBlock
+    return cls(module.num_groups, module.dtype, num_heads=attn_heads(module, channels), name=name)
 
 
 def encode(module: nn.Module, x, t, y=None, *, train: bool):
@@ -93,7 +95,7 @@ def encode(module: nn.Module, x, t, y=None, *, train: bool):
     ``down_<level>_downsample``, ``mid_block_0``, ``mid_attn``, ``mid_block_1``). ``module``
     supplies the hyperparameters: ``ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
     resamp_with_conv, num_groups, dtype, scale_shift_norm, num_heads, num_head_channels,
-    resblock_updown`` (and ``num_classes, null_label`` when ``y`` is given). With
+    resblock_updown, remat`` (and ``num_classes, null_label`` when ``y`` is given). With
     ``resblock_updown`` the ``down_<level>_downsample`` layers are ResBlocks that downsample.
 
     Args:
@@ -123,22 +125,22 @@ def encode(module: nn.Module, x, t, y=None, *, train: bool):
     hs = [Conv3x3(module.ch, dtype=module.dtype, name="conv_in")(x)]
     for level, mult in enumerate(module.ch_mult):
         for i in range(module.num_res_blocks):
-            h = block(module.ch * mult, f"down_{level}_block_{i}")(hs[-1], temb, train=train)
+            h = block(module.ch * mult, f"down_{level}_block_{i}")(hs[-1], temb, train)
             if h.shape[1] in module.attn_resolutions:
                 h = attention(module, h.shape[-1], f"down_{level}_attn_{i}")(h)
             hs.append(h)
         if level != len(module.ch_mult) - 1:
             name = f"down_{level}_downsample"
             if module.resblock_updown:
-                h = resblock(module, hs[-1].shape[-1], name, "down")(hs[-1], temb, train=train)
+                h = resblock(module, hs[-1].shape[-1], name, "down")(hs[-1], temb, train)
             else:
                 h = Downsample(module.resamp_with_conv, module.dtype, name=name)(hs[-1])
             hs.append(h)
 
     h = hs[-1]
-    h = block(h.shape[-1], "mid_block_0")(h, temb, train=train)
+    h = block(h.shape[-1], "mid_block_0")(h, temb, train)
     h = attention(module, h.shape[-1], "mid_attn")(h)
-    h = block(h.shape[-1], "mid_block_1")(h, temb, train=train)
+    h = block(h.shape[-1], "mid_block_1")(h, temb, train)
     return h, hs, temb
 
 
@@ -169,6 +171,8 @@ class UNet(nn.Module):
         (``resblock_updown``) instead of Downsample / Upsample.
       null_label: the label table has the extra "no label" row; False gives ADM's table of
         `num_classes` rows (classifier-guided, no null label).
+      remat: rematerialise every ResBlock and attention block (``nn.remat``: their
+        activations are recomputed in the backward pass); same parameters and results.
 
     ADM's own attention_resolutions are downsampling factors (``image_size // res`` of the
     command-line resolutions); here they are the resolutions. Their attention computes q, k, v
@@ -198,6 +202,7 @@ class UNet(nn.Module):
     num_head_channels: int = -1
     resblock_updown: bool = False
     null_label: bool = True
+    remat: bool = False
 
     def _check_inputs(self, x, t, y):
         check_image_and_t(x, t, self.ch_mult)
@@ -240,13 +245,13 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
-                h = block(self.ch * mult, f"up_{level}_block_{i}")(h, temb, train=train)
+                h = block(self.ch * mult, f"up_{level}_block_{i}")(h, temb, train)
                 if h.shape[1] in self.attn_resolutions:
                     h = attention(self, h.shape[-1], f"up_{level}_attn_{i}")(h)
             if level != 0:
                 name = f"up_{level}_upsample"
                 if self.resblock_updown:
-                    h = resblock(self, h.shape[-1], name, "up")(h, temb, train=train)
+                    h = resblock(self, h.shape[-1], name, "up")(h, temb, train)
                 else:
                     h = Upsample(self.resamp_with_conv, self.dtype, name=name)(h)
         assert not hs
