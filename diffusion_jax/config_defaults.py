@@ -94,6 +94,9 @@ def get_config():
     training.grad_accum_steps = 1
     training.compute_dtype = "float32"  # or "bfloat16" (params stay float32)
     training.fsdp = 1  # devices a parameter is sharded over; 1 = pure data parallel
+    # Devices that split each layer between them (Megatron-style tensor parallelism: heads and
+    # hidden units; diffusion_jax.sharding); they see the same examples. 1 = none.
+    training.tensor_parallel = 1
     training.log_every = 100
     training.checkpoint_every = 5000
     training.keep_checkpoints = 3
