@@ -296,11 +296,6 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
         return grads, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outputs)
 
     def train_step(state, batch):
-        # The mesh of the sharding constraints inside the network (layers.whole_features).
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return sharded_step(state, batch)
-
-    def sharded_step(state, batch):
         example_root, dropout_root = jax.random.split(jax.random.fold_in(state.rng, state.step))
         keys = _per_example_keys(example_root, state.step, batch_size)
         batch = {"image": batch["image"], "label": batch["label"], "keys": keys}

@@ -34,8 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.layers import whole_features
-
 Dtype = Any
 
 # Named sizes of the paper (table 1): (hidden_size, depth, num_heads); each with patch 2, 4 or 8.
@@ -217,13 +215,12 @@ class DiTBlock(nn.Module):
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         D = x.shape[-1]
         mod = _dense(6 * D, self.dtype, "adaLN_modulation", zeros)(nn.silu(c))
-        mod = whole_features(mod)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
         h = modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa)
         x = x + gate_msa[:, None, :] * Attention(self.num_heads, self.dtype, name="attn")(h)
         h = modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
         mlp = Mlp(int(D * self.mlp_ratio), self.dtype, name="mlp")
-        return whole_features(x + gate_mlp[:, None, :] * mlp(h))
+        return x + gate_mlp[:, None, :] * mlp(h)
 
 
 class FinalLayer(nn.Module):
@@ -238,9 +235,9 @@ class FinalLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         D = x.shape[-1]
-        mod = whole_features(_dense(2 * D, self.dtype, "adaLN_modulation", zeros)(nn.silu(c)))
+        mod = _dense(2 * D, self.dtype, "adaLN_modulation", zeros)(nn.silu(c))
         shift, scale = jnp.split(mod, 2, axis=-1)
-        x = whole_features(modulate(_layer_norm(self.dtype)(x), shift, scale))
+        x = modulate(_layer_norm(self.dtype)(x), shift, scale)
         features = self.patch_size**2 * self.out_channels
         return _dense(features, self.dtype, "linear", zeros)(x)
 

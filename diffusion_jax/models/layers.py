@@ -42,23 +42,6 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
-def whole_features(x: jax.Array) -> jax.Array:
-    """``x`` [B, ...] with its features (every dim but the leading batch dim) whole on each
-    device: a sharding constraint under an abstract mesh (``jax.sharding.use_abstract_mesh``;
-    the train step sets its mesh's), else ``x`` itself. The batch dim is left to XLA.
-
-    Tensor parallelism (``diffusion_jax.sharding``) splits the layers of a network between the
-    devices of a ``tensor`` group; without this, XLA's sharding propagation carries the split
-    into the activations between the layer pairs (e.g. the DiT's residual stream and adaLN
-    modulation) and moves them with extra all-gathers, permutes and all-to-alls instead of
-    one all-reduce per pair (Megatron).
-    """
-    if jax.sharding.get_abstract_mesh().empty:
-        return x
-    spec = jax.sharding.PartitionSpec(jax.sharding.PartitionSpec.UNCONSTRAINED)
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
 class Conv3x3(nn.Module):
     """3x3 convolution with bias, 'SAME' padding ([B,H,W,Cin] -> [B,H/s,W/s,features]).
 
