@@ -118,6 +118,9 @@ def get_config():
     # Activation rematerialisation: "none", or "block" (each residual/attention/transformer
     # block's activations recomputed in the backward pass: less memory, more FLOPs).
     training.remat = "none"
+    # Devices that split each layer between them (Megatron-style tensor parallelism: heads and
+    # hidden units; diffusion_jax.sharding); they see the same examples. 1 = none.
+    training.tensor_parallel = 1
     training.log_every = 100
     training.checkpoint_every = 5000
     training.keep_checkpoints = 3

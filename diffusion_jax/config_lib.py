@@ -211,6 +211,7 @@ def validate(
         raise ConfigError(
             f"Config key 'training.fsdp' ({fsdp}) must divide the number of devices ({num_devices})"
         )
+    _validate_tensor_parallel(config, num_devices)
     if batch % (num_devices * accum):
         raise ConfigError(
             f"Config key 'training.batch_size' ({batch}) must be divisible by the number of "
@@ -227,6 +228,19 @@ def validate(
             f"processes ({process_count})"
         )
     return config
+
+
+def _validate_tensor_parallel(config, num_devices: int) -> None:
+    """``training.tensor_parallel`` >= 1 divides the device count together with ``fsdp``. That
+    it divides the network's heads and hidden units is checked once the network is known
+    (``train_step.state_shardings``)."""
+    _at_least(config, "training.tensor_parallel", 1)
+    fsdp, tensor = config.training.fsdp, config.training.tensor_parallel
+    if num_devices % (fsdp * tensor):
+        raise ConfigError(
+            f"Config key 'training.tensor_parallel' ({tensor}) x 'training.fsdp' ({fsdp}) must "
+            f"divide the number of devices ({num_devices})"
+        )
 
 
 # Keys whose other values ask a noisy-image classifier for what only a denoiser has:
@@ -630,6 +644,7 @@ RESUME_SAFE_KEYS = (
     "training.grad_accum_steps",
     "training.fsdp",
     "training.remat",
+    "training.tensor_parallel",
     "optim",
     "sampling",
     "objective.edm.sigma_min",  # EDM's sampler grid; training does not read it
@@ -656,7 +671,8 @@ def check_resume(recorded, config, what: str) -> list[str]:
     grid. A key added to the config later is refused until it is
     listed as safe.
 
-    Allowed: ``grad_accum_steps`` and ``fsdp`` give the same updates up to rounding; ``optim.*``
+    Allowed: ``grad_accum_steps``, ``fsdp`` and ``tensor_parallel`` give the same updates up
+    to rounding; ``optim.*``
     changes the updates from here on, a deliberate choice (e.g. a lower learning rate) recorded
     in the resumed run's config; the rest only changes what is logged, saved or evaluated, or
     how the same data are read.

@@ -74,7 +74,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     data_iterator = input_pipeline.create_train_iterator(
         config.data, global_batch_size=tcfg.batch_size, seed=config.seed
     )
-    mesh = sharding.make_mesh(tcfg.fsdp)
+    mesh = sharding.make_mesh(tcfg.fsdp, tensor=tcfg.tensor_parallel)
     classifier = pretrained.load_classifier(config, mesh) if tcfg.sample_every else None
     setup = config_lib.make_train_setup(config, num_classes)
     abstract, shardings = train_step.state_shardings(setup, image_shape, mesh)

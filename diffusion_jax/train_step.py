@@ -136,12 +136,15 @@ def _init_state(setup: TrainSetup, image_shape, rng):
 def state_shardings(setup: TrainSetup, image_shape, mesh):
     """``(abstract_state, shardings)``: shapes/dtypes of the state and where each leaf lives.
 
-    Parameters, their EMA and the optimizer state follow the FSDP rule (``sharding``); the step,
-    the RNG key and the loss history are replicated: every device reads them whole.
+    Parameters, their EMA and the optimizer state follow the tensor and FSDP rules
+    (``sharding``); the step, the RNG key and the loss history are replicated: every device
+    reads them whole. Raises ValueError when the mesh's ``tensor`` axis does not divide the
+    network's heads or hidden units (``sharding.check_tensor_parallel``).
     """
     abstract = jax.eval_shape(
         functools.partial(_init_state, setup, image_shape), jax.random.PRNGKey(0)
     )
+    sharding.check_tensor_parallel(setup.model, abstract.params, mesh.shape.get("tensor", 1))
     replicated = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), abstract)
     return abstract, replicated.replace(
         params=sharding.param_shardings(mesh, abstract.params),

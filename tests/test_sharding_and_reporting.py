@@ -74,7 +74,8 @@ def test_fsdp_shards_parameters_and_optimizer_state_only():
 
 def test_mesh_and_global_batch_single_process():
     mesh = sharding.make_mesh(1)
-    assert mesh.axis_names == ("data", "fsdp") and mesh.devices.size == jax.device_count()
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert mesh.devices.size == jax.device_count()
     batch = sharding.global_batch(mesh, {"image": np.ones((4, 2, 2, 1), np.float32)})
     assert batch["image"].shape == (4, 2, 2, 1)
     assert batch["image"].sharding == sharding.batch_sharding(mesh)
