@@ -368,3 +368,23 @@ def test_block_parity_with_diffusers_where_the_norm_epsilons_matter():
 
     assert _rel_err(ours("diffusers"), want) < 1e-5
     assert _rel_err(ours("official"), want) > 1e-2
+
+
+def test_pt_checkpoints_with_torch(tmp_path):
+    """A released .pt (a plain state dict) and a train.py checkpoint (its "ema" entry, beside
+    the args Namespace) load; `convert` writes a .safetensors that loads without torch."""
+    torch = pytest.importorskip("torch")
+    import argparse
+
+    sd = random_official(seed=5)
+    tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
+    want = dit_weights.from_official(sd, HEADS)
+    torch.save(tensors, tmp_path / "plain.pt")
+    train = {"model": {}, "ema": tensors, "opt": {}, "args": argparse.Namespace(model="DiT-S/2")}
+    torch.save(train, tmp_path / "train.pt")
+    for name in ("plain.pt", "train.pt"):
+        params, _ = dit_weights.load_params(tmp_path / name, num_heads=HEADS)
+        jax.tree.map(np.testing.assert_array_equal, params, want)
+    dit_weights.main(["convert", str(tmp_path / "train.pt"), str(tmp_path / "c.safetensors")])
+    params, _ = dit_weights.load_params(tmp_path / "c.safetensors", num_heads=HEADS)
+    jax.tree.map(np.testing.assert_array_equal, params, want)
