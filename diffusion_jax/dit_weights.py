@@ -290,7 +290,7 @@ def _official(state_dict: Mapping, num_heads: int | None) -> tuple[dict, dict]:
         sources[(block, "attn", "qkv", "kernel")] = (f"{b}.attn.qkv.weight", _qkv(qkv_w, heads))
         sources[(block, "attn", "qkv", "bias")] = (
             f"{b}.attn.qkv.bias",
-            qkv_b.reshape(3, heads, -1) if qkv_b.size == 3 * d else qkv_b,
+            qkv_b.reshape(3, heads, -1) if qkv_b.size == 3 * d and d % heads == 0 else qkv_b,
         )
         proj_w = _get(sd, f"{b}.attn.proj.weight")
         sources[(block, "attn", "proj", "kernel")] = (
@@ -320,13 +320,13 @@ def _get(sd: Mapping, key: str) -> np.ndarray:
 
 
 def _qkv(w: np.ndarray, heads: int) -> np.ndarray:
-    if w.ndim != 2 or w.shape[0] != 3 * w.shape[1]:
+    if w.ndim != 2 or w.shape[0] != 3 * w.shape[1] or w.shape[1] % heads:
         return w  # wrong shape: reported (with its key) by the shape check
     return _qkv_kernel(w, heads)
 
 
 def _proj(w: np.ndarray, heads: int) -> np.ndarray:
-    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+    if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] % heads:
         return w
     return _proj_kernel(w, heads)
 
@@ -396,13 +396,13 @@ def _diffusers(state_dict: Mapping, num_heads: int | None) -> tuple[dict, dict]:
             )
         sources[(block, "attn", "qkv", "kernel")] = (
             keys_w,
-            _qkv_kernel(np.concatenate(ws, axis=0), heads),
+            _qkv(np.concatenate(ws, axis=0), heads),
         )
         d = ws[0].shape[0]
         qkv_b = np.concatenate(bs, axis=0)
         sources[(block, "attn", "qkv", "bias")] = (
             keys_b,
-            qkv_b.reshape(3, heads, -1) if qkv_b.size == 3 * d else qkv_b,
+            qkv_b.reshape(3, heads, -1) if qkv_b.size == 3 * d and d % heads == 0 else qkv_b,
         )
         proj_w = _get(sd, f"{b}.attn1.to_out.0.weight")
         sources[(block, "attn", "proj", "kernel")] = (
