@@ -294,3 +294,16 @@ def test_profile_breakdown_of_a_gpu_like_trace(tmp_path, monkeypatch, with_xla_o
     assert {c: ms * 1e3 for c, ms in per_category.items()} == pytest.approx(expected)
     assert unknown * 1e3 == pytest.approx(expected.get("other", 0.0))
     assert top == [(("cudnn-conv.1", "conv_bwd"), pytest.approx(0.02))]
+
+
+def test_dit_vs_torch_prints_its_lines_or_skips():
+    """bench/dit_vs_torch.py on a tiny DiT: the comparison's lines with torch and diffusers
+    installed, else its one skip line."""
+    args = ["--depth", "1", "--hidden", "32", "--heads", "2", "--size", "8", "--batch", "2"]
+    lines = _lines(_start("dit_vs_torch.py", args + ["--rounds", "1", "--repeats", "1"]))
+    [last] = lines["dit_vs_torch"]
+    if "skipped" in last:
+        assert set(lines) == {"dit_vs_torch"}
+        return
+    assert len(lines["dit_vs_torch_round"]) == 2
+    _assert_positive(last, ["jax_images_per_s", "torch_images_per_s", "jax_over_torch"])

@@ -24,6 +24,16 @@ Classifier-free guidance: with ``num_classes`` set, the label table has ``num_cl
 and label ``num_classes`` is the null label (the official's LabelEmbedder with dropout > 0). The
 label dropout itself is the caller's (``train_step.drop_labels``), as for the U-Net; the DiT has
 no dropout, so ``train`` is accepted for the common model call and otherwise unused.
+
+Numerics (``DiT.numerics``): "official" (the default) computes as the official code;
+"diffusers" as diffusers' ``DiTTransformer2DModel`` (``norm_type="ada_norm_zero"``), which
+differs in two constants only (``NUMERICS``): its timestep frequencies are
+``exp(-ln(10000) k / (dim/2 - 1))`` (``downscale_freq_shift=1``; the official divides by
+``dim/2``), and the LayerNorm before each block's MLP (its ``norm3``) has its ``norm_eps``,
+1e-5 by default, where the official's has 1e-6 (the attention's ``norm1`` and the final
+``norm_out`` keep 1e-6 in both). diffusers also keeps a copy of the timestep and label
+embedders in every block; a checkpoint converted from the official has them all equal, and
+``diffusion_jax.dit_weights`` imports one copy.
 """
 
 import math
@@ -54,6 +64,14 @@ patch_init = nn.initializers.variance_scaling(
 )
 normal_002 = nn.initializers.normal(stddev=0.02)  # label table, both timestep-MLP weights
 zeros = nn.initializers.zeros  # biases, adaLN modulations, the final linear
+
+# The constants that differ between the official code and diffusers' DiTTransformer2DModel:
+# the timestep frequencies' divisor is dim/2 - freq_shift; the LayerNorm before each block's
+# MLP has epsilon mlp_norm_eps (the other LayerNorms have 1e-6 in both).
+NUMERICS = {
+    "official": dict(freq_shift=0, mlp_norm_eps=1e-6),
+    "diffusers": dict(freq_shift=1, mlp_norm_eps=1e-5),
+}
 
 
 def dit_config(name: str) -> dict:
@@ -94,17 +112,18 @@ def sincos_2d_table(dim: int, grid_size: int) -> np.ndarray:
     return table.astype(np.float32)
 
 
-def dit_timestep_embedding(t: jax.Array, dim: int = 256) -> jax.Array:
+def dit_timestep_embedding(t: jax.Array, dim: int = 256, freq_shift: int = 0) -> jax.Array:
     """The DiT's (GLIDE's) sinusoidal embedding of [B] timesteps -> [B, dim] float32.
 
-    Frequencies ``exp(-ln(10000) * k / (dim/2))``, ``k = 0 .. dim/2 - 1``; the result is
-    ``[cos(t f), sin(t f)]`` -- cosines FIRST, and a different frequency spacing from
-    ``layers.timestep_embedding`` (the DDPM U-Net's).
+    Frequencies ``exp(-ln(10000) * k / (dim/2 - freq_shift))``, ``k = 0 .. dim/2 - 1``; the
+    result is ``[cos(t f), sin(t f)]`` -- cosines FIRST, and a different frequency spacing from
+    ``layers.timestep_embedding`` (the DDPM U-Net's). ``freq_shift`` 0 is the official's,
+    1 diffusers' (``downscale_freq_shift=1``).
     """
     if dim % 2:
         raise ValueError(f"timestep embedding dim must be even, got {dim}")
     half = dim // 2
-    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
@@ -144,9 +163,9 @@ def _dense(features: int, dtype: Dtype, name: str, kernel_init=xavier_uniform) -
     )
 
 
-def _layer_norm(dtype: Dtype) -> nn.LayerNorm:
-    """LayerNorm without affine parameters, eps 1e-6 (statistics in float32)."""
-    return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)
+def _layer_norm(dtype: Dtype, epsilon: float = 1e-6) -> nn.LayerNorm:
+    """LayerNorm without affine parameters, eps 1e-6 unless told (statistics in float32)."""
+    return nn.LayerNorm(epsilon=epsilon, use_bias=False, use_scale=False, dtype=dtype)
 
 
 class Attention(nn.Module):
@@ -204,12 +223,13 @@ class DiTBlock(nn.Module):
     scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp;
     ``x += gate_msa * attn(modulate(LN(x), shift_msa, scale_msa))`` and
     ``x += gate_mlp * mlp(modulate(LN(x), shift_mlp, scale_mlp))``, so a fresh block is the
-    identity.
+    identity. The first LayerNorm has eps 1e-6, the second ``mlp_norm_eps`` (``NUMERICS``).
     """
 
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    mlp_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -218,7 +238,7 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
         h = modulate(_layer_norm(self.dtype)(x), shift_msa, scale_msa)
         x = x + gate_msa[:, None, :] * Attention(self.num_heads, self.dtype, name="attn")(h)
-        h = modulate(_layer_norm(self.dtype)(x), shift_mlp, scale_mlp)
+        h = modulate(_layer_norm(self.dtype, self.mlp_norm_eps)(x), shift_mlp, scale_mlp)
         mlp = Mlp(int(D * self.mlp_ratio), self.dtype, name="mlp")
         return x + gate_mlp[:, None, :] * mlp(h)
 
@@ -243,15 +263,16 @@ class FinalLayer(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t [B] -> [B, D]: ``mlp_2(SiLU(mlp_0(dit_timestep_embedding(t, 256))))``, both weights
-    normal(0.02), zero biases (the official ``t_embedder.mlp.0`` / ``.mlp.2``)."""
+    """t [B] -> [B, D]: ``mlp_2(SiLU(mlp_0(dit_timestep_embedding(t, 256, freq_shift))))``,
+    both weights normal(0.02), zero biases (the official ``t_embedder.mlp.0`` / ``.mlp.2``)."""
 
     hidden_size: int
     dtype: Dtype = jnp.float32
+    freq_shift: int = 0
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
-        c = dit_timestep_embedding(t, 256)
+        c = dit_timestep_embedding(t, 256, self.freq_shift)
         c = _dense(self.hidden_size, self.dtype, "mlp_0", normal_002)(c)
         return _dense(self.hidden_size, self.dtype, "mlp_2", normal_002)(nn.silu(c))
 
@@ -293,6 +314,10 @@ class DiT(nn.Module):
       dtype: compute dtype (e.g. bfloat16); parameters are float32, the output is float32.
       remat: wrap each block in ``nn.remat`` (recompute its activations in the backward pass);
         same parameters and results, less memory.
+      numerics: "official" (the official code's constants) or "diffusers" (those of diffusers'
+        ``DiTTransformer2DModel``: timestep frequency shift 1, MLP LayerNorm eps 1e-5; see the
+        module docstring). Same parameters either way; pick the one the weights were trained
+        with (``dit_weights.load_params`` says which).
 
     Use ``dit_config("XL/2")`` for the paper's sizes.
     """
@@ -307,8 +332,13 @@ class DiT(nn.Module):
     null_label: bool = True
     dtype: Dtype = jnp.float32
     remat: bool = False
+    numerics: str = "official"
 
     def _check_inputs(self, x, t, y):
+        if self.numerics not in NUMERICS:
+            raise ValueError(
+                f"numerics={self.numerics!r} is not one of {', '.join(map(repr, NUMERICS))}"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
@@ -363,14 +393,21 @@ class DiT(nn.Module):
         h = h.reshape(B, grid * grid, D) + jnp.asarray(sincos_2d_table(D, grid), self.dtype)
 
         # Conditioning c = MLP(timestep embedding) (+ label embedding).
-        c = TimestepEmbedder(D, self.dtype, name="t_embedder")(t)
+        numerics = NUMERICS[self.numerics]
+        c = TimestepEmbedder(D, self.dtype, numerics["freq_shift"], name="t_embedder")(t)
         if y is not None:
             labels = LabelEmbedder(self.num_classes, D, self.null_label, name="y_embedder")
             c = c + labels(y).astype(c.dtype)
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            h = block_cls(self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(h, c)
+            h = block_cls(
+                self.num_heads,
+                self.mlp_ratio,
+                self.dtype,
+                numerics["mlp_norm_eps"],
+                name=f"blocks_{i}",
+            )(h, c)
 
         h = FinalLayer(p, self.out_channels, self.dtype, name="final_layer")(h, c)
         return unpatchify(h, p, self.out_channels).astype(jnp.float32)
