@@ -173,13 +173,13 @@ def from_diffusers(
         else:
             path = module + (("kernel",) if module + ("kernel",) in expected else ("scale",))
         a = _array(state, given, source)
-        if path[-1] == "kernel" and a.ndim == 4:
-            if len(expected[path].shape) == 2 and a.shape[2:] == (1, 1):
-                a = a[:, :, 0, 0]  # a 1x1-conv attention weight: a Linear
-            else:
-                a = a.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
-        elif path[-1] == "kernel" and a.ndim == 2:
-            a = a.T
+        if path[-1] == "kernel":
+            if a.ndim == 4 and len(expected[path].shape) == 2 and a.shape[2:] == (1, 1):
+                a = a[:, :, 0, 0]  # an attention weight stored as a 1x1 conv: a Linear
+            if a.ndim == 4:
+                a = a.transpose(2, 3, 1, 0)  # Conv2d [out, in, kh, kw] -> [kh, kw, in, out]
+            elif a.ndim == 2:
+                a = a.T  # Linear [out, in] -> [in, out]
         want = expected[path].shape
         if a.shape != want:
             raise CheckpointError(
