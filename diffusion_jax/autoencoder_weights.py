@@ -21,6 +21,7 @@ names the key. Conv2d weights [out, in, kh, kw] become kernels [kh, kw, in, out]
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -109,6 +110,7 @@ def _normalised(state: Mapping, source: str) -> dict[str, str]:
     return keys
 
 
+@functools.lru_cache(maxsize=8)
 def _abstract_params(model: AutoencoderKL) -> dict:
     """Flattened parameter path -> ShapeDtypeStruct of ``model`` (nothing materialised)."""
     size = model.down_factor
