@@ -234,7 +234,7 @@ def compile_train_step(config, num_classes: int) -> dict:
     abstract state and batch; returns the fields of a ``train_step_compiled`` line."""
     data = config.data
     image_shape = (data.image_size, data.image_size, data.channels)
-    mesh = sharding.make_mesh(config.training.fsdp)
+    mesh = sharding.make_mesh(config.training.fsdp, tensor=config.training.tensor_parallel)
     setup = config_lib.make_train_setup(config, num_classes)
     abstract, shardings = train_step.state_shardings(setup, image_shape, mesh)
     state = jax.tree_util.tree_map(
@@ -256,6 +256,7 @@ def compile_train_step(config, num_classes: int) -> dict:
         dtype=config.training.compute_dtype,
         network=config.model.name,
         fsdp=config.training.fsdp,
+        tensor_parallel=config.training.tensor_parallel,
         remat=config.training.remat,
         params=sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(abstract.params)),
         program_mib=program_mib(compiled),
