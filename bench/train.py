@@ -145,7 +145,7 @@ def build(config, num_classes: int, accumulate=None):
     """``(state, jitted step, two synthetic batches, init seconds)`` of ``config``."""
     data = config.data
     image_shape = (data.image_size, data.image_size, data.channels)
-    mesh = sharding.make_mesh(config.training.fsdp)
+    mesh = sharding.make_mesh(config.training.fsdp, tensor=config.training.tensor_parallel)
     setup = config_lib.make_train_setup(config, num_classes)
     _, shardings = train_step.state_shardings(setup, image_shape, mesh)
     state, init_s = timed(
