@@ -28,9 +28,10 @@ def get_config():
     data.path = ""  # data.name "folder": directory of image files, labels from subdirectories
 
     config.model = model = ml_collections.ConfigDict()
-    # "denoiser": the U-Net of the diffusion model; "classifier": the noisy-image classifier of
-    # p(y | x_t) for classifier guidance (models.NoisyClassifier: the U-Net's down half and
-    # middle block, a pooled head), trained on x_t of the diffusion.* process by cross-entropy.
+    # "denoiser": the network of the diffusion model; "classifier": the noisy-image classifier
+    # of p(y | x_t) for classifier guidance (models.NoisyClassifier: the U-Net's down half and
+    # middle block, a pooled head), trained on x_t of the objective by cross-entropy;
+    # "autoencoder": the autoencoder of latent diffusion (group model.autoencoder below).
     model.kind = "denoiser"
     # The network (diffusion_jax.models.NETWORKS), each with its group of hyperparameters below
     # (the group of a network not chosen must keep its defaults): "unet", DDPM's U-Net with
@@ -57,6 +58,18 @@ def get_config():
     unet.num_heads = 1  # attention heads
     unet.num_head_channels = 0  # if > 0: channels per head instead of num_heads (ADM: 64)
     unet.resblock_updown = False  # BigGAN-style ResBlocks resample between levels
+
+    # model.kind "autoencoder": the image autoencoder of latent diffusion, trained on its own
+    # (models.autoencoder.AutoencoderKL; defaults: the Stable Diffusion VAE's sizes). Its loss
+    # per image: the mean squared error of the reconstruction of a posterior sample plus
+    # kl_weight x KL(q(z | x) || N(0, I)) summed over the latent (nats; SD's weight 1e-6).
+    model.autoencoder = ae = ml_collections.ConfigDict()
+    ae.block_out_channels = (128, 256, 512, 512)  # the down factor is 2**(levels - 1)
+    ae.layers_per_block = 2
+    ae.latent_channels = 4
+    ae.norm_num_groups = 32
+    ae.mid_block_attention = True
+    ae.kl_weight = 1e-6
 
     model.dit = dit = ml_collections.ConfigDict()  # attributes of models.DiT; defaults: DiT-S/2
     dit.patch_size = 2

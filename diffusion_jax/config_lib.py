@@ -26,11 +26,12 @@ from diffusion_jax import (
     train_step,
 )
 from diffusion_jax.models import NoisyClassifier
+from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.objectives.flow import TIME_SAMPLINGS
 
 TIMESTEP_SAMPLINGS = ("uniform", "importance")
 # model.kind: the diffusion model's U-Net, or the noisy-image classifier of classifier guidance.
-MODEL_KINDS = ("denoiser", "classifier")
+MODEL_KINDS = ("denoiser", "classifier", "autoencoder")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # training.remat: no rematerialisation, or every block's activations recomputed.
 REMAT = ("none", "block")
@@ -255,18 +256,37 @@ _CLASSIFIER_VALUES = (
 )
 
 
+# Keys whose other values ask the autoencoder for what only a diffusion model has.
+_AUTOENCODER_VALUES = (
+    ("model.name", "unet", "it is not one of the denoising networks"),
+    ("model.class_conditional", False, "it is not conditioned on labels"),
+    ("model.label_dropout", 0.0, "it is not conditioned on labels"),
+    ("objective.name", "ddpm", "it is trained by reconstruction, not a diffusion objective"),
+    ("diffusion.loss_type", "simple", "its loss is the reconstruction's"),
+    ("diffusion.timestep_sampling", "uniform", "it draws no noise levels"),
+    ("training.remat", "none", "its blocks are not rematerialised"),
+    ("training.sample_every", 0, "it draws no samples"),
+)
+
+
+def _check_kind_values(config, values) -> None:
+    """The ``(key, needed, why)`` of ``values`` for ``model.kind``: one line naming the first
+    key with another value."""
+    for path, needed, why in values:
+        value = _get(config, path)
+        if value != needed:
+            raise ConfigError(
+                f"Config key {path!r} is {value!r}, but model.kind {config.model.kind!r} needs "
+                f"{needed!r}: {why}"
+            )
+
+
 def _check_classifier(config) -> None:
     """``model.kind`` "classifier": the keys that would ask it for a denoiser's loss, labels or
     samples must keep their neutral values. The objective (``objective.name`` and its options)
     draws its x_t and gives its network inputs, as for a denoiser; ddpm's ``mean_type`` and
     ``var_type`` describe a denoiser's output and are not read."""
-    for path, needed, why in _CLASSIFIER_VALUES:
-        value = _get(config, path)
-        if value != needed:
-            raise ConfigError(
-                f"Config key {path!r} is {value!r}, but model.kind 'classifier' needs "
-                f"{needed!r}: {why}"
-            )
+    _check_kind_values(config, _CLASSIFIER_VALUES)
 
 
 def check_classes(config, num_classes: int) -> None:
@@ -317,9 +337,14 @@ def _validate_model(config) -> None:
     _choice(config, "model.kind", MODEL_KINDS)
     _choice(config, "model.name", tuple(models.NETWORKS))
     _choice(config, "training.remat", REMAT)
-    _unchosen_at_defaults(
-        config, "model.name", {name: f"model.{name}" for name in models.NETWORKS}, "network"
-    )
+    networks = {name: f"model.{name}" for name in models.NETWORKS}
+    if mcfg.kind == "autoencoder":
+        _check_kind_values(config, _AUTOENCODER_VALUES)
+        _unchosen_at_defaults(config, "model.kind", networks, "network")
+        _validate_autoencoder(config)
+        return
+    _unchosen_at_defaults(config, "model.kind", {"autoencoder": "model.autoencoder"}, "kind")
+    _unchosen_at_defaults(config, "model.name", networks, "network")
     if mcfg.kind == "classifier" and mcfg.name != "unet":
         raise ConfigError(
             f"Config key 'model.name' is {mcfg.name!r}, but model.kind 'classifier' is the "
@@ -334,6 +359,29 @@ def _validate_model(config) -> None:
         _validate_unet(config)
     else:
         _validate_dit(config)
+
+
+def _validate_autoencoder(config) -> None:
+    ae, size = config.model.autoencoder, config.data.image_size
+    for path in (
+        "model.autoencoder.layers_per_block",
+        "model.autoencoder.latent_channels",
+        "model.autoencoder.norm_num_groups",
+    ):
+        _at_least(config, path, 1)
+    _at_least(config, "model.autoencoder.kl_weight", 0)
+    channels = tuple(ae.block_out_channels)
+    if not channels or any(c % ae.norm_num_groups for c in channels):
+        raise ConfigError(
+            f"Config key 'model.autoencoder.norm_num_groups' ({ae.norm_num_groups}) must divide "
+            f"every level's channels, model.autoencoder.block_out_channels = {list(channels)}"
+        )
+    factor = 2 ** (len(channels) - 1)
+    if size % factor:
+        raise ConfigError(
+            f"Config key 'data.image_size' ({size}) must be divisible by the autoencoder's down "
+            f"factor 2**(len(model.autoencoder.block_out_channels) - 1) = {factor}"
+        )
 
 
 def _validate_unet(config) -> None:
@@ -737,6 +785,7 @@ def make_train_setup(config, num_classes: int | None = None, model=None) -> trai
         grad_accum_steps=config.training.grad_accum_steps,
         ema_decay=config.optim.ema_decay,
         label_dropout=config.model.label_dropout,
+        kl_weight=config.model.autoencoder.kl_weight,
     )
 
 
@@ -798,10 +847,14 @@ def make_model(config, num_classes: int | None = None):
     data set's: ``input_pipeline.dataset_spec``) on the ``unet`` group's trunk.
     ``training.remat`` "block" rematerialises every block of either."""
     mcfg = config.model
-    common = dict(
-        dtype=COMPUTE_DTYPES[config.training.compute_dtype],
-        remat=config.training.remat == "block",
-    )
+    dtype = COMPUTE_DTYPES[config.training.compute_dtype]
+    if mcfg.kind == "autoencoder":
+        attributes = mcfg.autoencoder.to_dict()
+        del attributes["kl_weight"]  # the loss's, not the network's
+        channels = config.data.channels
+        attributes["block_out_channels"] = tuple(attributes["block_out_channels"])
+        return AutoencoderKL(in_channels=channels, out_channels=channels, dtype=dtype, **attributes)
+    common = dict(dtype=dtype, remat=config.training.remat == "block")
     if mcfg.kind == "classifier":
         if not num_classes or num_classes < 2:
             raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes!r}")

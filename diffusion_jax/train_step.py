@@ -17,7 +17,8 @@ matching), which draws each example's noise level t from the example's key, form
 preconditions the network's input and turns its output into the per-example terms. The terms
 per example depend on ``model.kind`` (``example_terms_fn``): a denoiser's are the objective's
 losses of its output, a classifier's the cross-entropy of its logits against the example's
-label (nats) and whether its argmax is right.
+label (nats) and whether its argmax is right; an autoencoder's the reconstruction error of a
+posterior sample and its KL term (the noise level the step draws is not used).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import sharding
 from diffusion_jax.losses import LossHistory
+from diffusion_jax.models import autoencoder
 from diffusion_jax.models.classifier import label_log_prob
 
 
@@ -59,7 +61,7 @@ class TrainSetup:
     ``make_optimizer``; ``batch_size``: global examples per step, split into
     ``grad_accum_steps`` micro-batches; ``ema_decay``: of the EMA parameters;
     ``label_dropout``: probability that a class-conditional denoiser trains on the null label
-    (``drop_labels``).
+    (``drop_labels``); ``kl_weight``: of an autoencoder's KL term (``example_terms_fn``).
     """
 
     model: Any
@@ -71,6 +73,7 @@ class TrainSetup:
     grad_accum_steps: int = 1
     ema_decay: float = 0.9999
     label_dropout: float = 0.0
+    kl_weight: float = 0.0
 
 
 def make_optimizer(optim_config):
@@ -118,7 +121,9 @@ def _init_state(setup: TrainSetup, image_shape, rng):
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     model = setup.model
-    if setup.kind == "classifier":
+    if setup.kind == "autoencoder":
+        params = model.init({"params": init_key}, x)["params"]
+    elif setup.kind == "classifier":
         params = model.init({"params": init_key}, x, t, train=False)["params"]
     else:
         y = jnp.zeros((1,), jnp.int32) if model.num_classes is not None else None
@@ -181,7 +186,10 @@ def drop_labels(keys, labels, rate, null_label):
 REPORTED_TERMS = {
     "denoiser": {"mean": ("mse", "vlb_bpd"), "by_quarter": ("loss",)},
     "classifier": {"mean": ("accuracy",), "by_quarter": ("loss", "accuracy")},
+    "autoencoder": {"mean": ("reconstruction", "kl"), "by_quarter": ()},
 }
+# The stream of an example's key that draws its autoencoder posterior sample.
+_POSTERIOR_STREAM = 0x706F7374
 
 
 def example_terms_fn(setup: TrainSetup):
@@ -194,9 +202,29 @@ def example_terms_fn(setup: TrainSetup):
     ``objective.network_inputs(x_t, t)``. Denoiser: ``objective.losses`` of the network's
     output (labels, some of them dropped, for a class-conditional one). Classifier:
     ``loss``, the cross-entropy ``-log p(label | x_t)`` in nats, and ``accuracy``, 1 where the
-    largest logit is the label's, else 0.
+    largest logit is the label's, else 0. Autoencoder: ``reconstruction``, the mean squared
+    error of the decoded posterior sample ``z = mean + std eps`` (eps from the example's key),
+    ``kl``, ``KL(q(z | x) || N(0, I))`` summed over the latent (nats), and ``loss =
+    reconstruction + kl_weight kl``.
     """
     model, objective = setup.model, setup.objective
+    if setup.kind == "autoencoder":
+
+        def autoencoder_terms(params, batch, x_t, t, noise, dropout_key):
+            x0 = batch["image"]
+            mean, logvar = model.apply({"params": params}, x0, method=model.encode)
+            eps = jax.vmap(
+                lambda k: jax.random.normal(
+                    jax.random.fold_in(k, _POSTERIOR_STREAM), mean.shape[1:], mean.dtype
+                )
+            )(batch["keys"])
+            z = mean + jnp.exp(0.5 * logvar) * eps
+            reconstruction = model.apply({"params": params}, z, method=model.decode)
+            error = jnp.mean(jnp.square(reconstruction - x0), axis=(1, 2, 3))
+            kl = autoencoder.kl_divergence(mean, logvar)
+            return {"loss": error + setup.kl_weight * kl, "reconstruction": error, "kl": kl}
+
+        return autoencoder_terms
     if setup.kind == "classifier":
 
         def classifier_terms(params, batch, x_t, t, noise, dropout_key):
