@@ -103,14 +103,28 @@ def _get(config, path):
 
 
 def _check_folder(config):
-    """``data.path`` names the image folder of ``data.name`` "folder" and nothing else; whether
-    it exists and holds images is checked when the data is opened (it lists directories)."""
+    """``data.path`` names the image folder of ``data.name`` "folder" or the latent data set of
+    "latents", and nothing else; whether it exists and holds images is checked when the data
+    is opened (it lists directories). Latents are not clipped to the images' [-1, 1]."""
     data = config.data
+    if data.name == "latents":
+        if not data.path:
+            raise ConfigError(
+                "Config key 'data.path' must name a latent data set for data.name 'latents' "
+                "(python -m diffusion_jax.encode writes one)"
+            )
+        for path, off in (("sampling.clip_denoised", False), ("sampling.dynamic_threshold", 0.0)):
+            if _get(config, path) != off:
+                raise ConfigError(
+                    f"Config key {path!r} clips x0 predictions to the images' [-1, 1], which "
+                    f"latents exceed: set it to {off!r} for data.name 'latents'"
+                )
+        return
     if data.name != "folder":
         if data.path:
             raise ConfigError(
                 f"Config key 'data.path' ({data.path!r}) is only read when 'data.name' is "
-                f"'folder', not {data.name!r}"
+                f"'folder' or 'latents', not {data.name!r}"
             )
         return
     if not data.path:
@@ -786,6 +800,7 @@ def make_train_setup(config, num_classes: int | None = None, model=None) -> trai
         ema_decay=config.optim.ema_decay,
         label_dropout=config.model.label_dropout,
         kl_weight=config.model.autoencoder.kl_weight,
+        posterior=config.data.name == "latents",
     )
 
 

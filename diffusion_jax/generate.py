@@ -28,7 +28,9 @@ def padded_size(num: int, mesh) -> int:
     return -(-num // mesh.size) * mesh.size
 
 
-def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, classifier=None):
+def make_generate_fn(
+    config, model, mesh, param_sharding, num_samples: int, classifier=None, decoder=None
+):
     """Jitted ``generate(params, rng, first_index) -> images [P, H, W, C]`` in [-1, 1].
 
     Generates samples ``first_index .. first_index + P - 1`` with the sampler of
@@ -37,7 +39,9 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
     ``param_sharding``). A class-conditional model, or classifier guidance, gives sample ``i``
     the label ``sample_labels(config, num_classes, i)``. ``classifier``: the
     ``pretrained.Classifier`` of classifier guidance (``pretrained.load_classifier``), its
-    parameters an argument of the compiled program like ``params``.
+    parameters an argument of the compiled program like ``params``. ``decoder``: for a model of
+    latents (``data.name`` "latents"), the ``latents.Decoder`` that turns them into images
+    (``latents.load_decoder``; the same program decodes them).
 
     ``P = padded_size(num_samples, mesh)``: the batch is split evenly over every device of the
     mesh (all processes), so it is padded to a multiple of the device count; callers keep the
@@ -65,7 +69,10 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
     shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    def generate(params, rng, first_index, classifier_params=None):
+    if (config.data.name == "latents") != (decoder is not None):
+        raise ValueError("pass the decoder of the latent data set exactly for data.name 'latents'")
+
+    def generate(params, rng, first_index, classifier_params=None, decoder_params=None):
         # The first half of the split keyed random labels before labels cycled; the noise keeps
         # its key, so unconditional sample sets are unchanged.
         _, noise_root = jax.random.split(rng)
@@ -75,18 +82,27 @@ def make_generate_fn(config, model, mesh, param_sharding, num_samples: int, clas
         model_fn = sampler_model_fn(
             config, model, params, y, classifier, classifier_params, batch_sharding=batch_sharding
         )
-        return jnp.clip(run_sampler(model_fn, keys), -1.0, 1.0)
+        x0 = run_sampler(model_fn, keys)
+        if decoder is not None:
+            x0 = decoder.decode(decoder_params, x0)
+        return jnp.clip(x0, -1.0, 1.0)
 
-    if classifier is None:
-        return jax.jit(
-            generate, in_shardings=(param_sharding, None, None), out_shardings=batch_sharding
-        )
+    # The guidance classifier's and the decoder's parameters are arguments too.
+    helpers = [(classifier, 3), (decoder and decoder.autoencoder, 4)]
+    extra = {i: helper for helper, i in helpers if helper is not None}
     compiled = jax.jit(
         generate,
-        in_shardings=(param_sharding, None, None, classifier.param_sharding),
+        in_shardings=(param_sharding, None, None)
+        + tuple(extra[i].param_sharding if i in extra else None for i in (3, 4)),
         out_shardings=batch_sharding,
     )
-    return lambda params, rng, first_index: compiled(params, rng, first_index, classifier.params)
+    return lambda params, rng, first_index: compiled(
+        params,
+        rng,
+        first_index,
+        classifier.params if classifier else None,
+        decoder.autoencoder.params if decoder else None,
+    )
 
 
 def sampler_model_fn(

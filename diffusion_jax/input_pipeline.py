@@ -281,6 +281,10 @@ def _open_source(data_config: ml_collections.ConfigDict):
         return FolderSource(
             data_config.path, data_config.split, data_config.channels, data_config.image_size
         )
+    if data_config.name == "latents":
+        from diffusion_jax import latents
+
+        return latents.LatentSource(data_config.path, data_config.split)
     import tensorflow_datasets as tfds
 
     from diffusion_jax import datasets
@@ -348,6 +352,17 @@ def dataset_spec(
     if data_config.name == "folder":
         _, classes = _list_folder(data_config.path)
         return _expected_shape(data_config), len(classes)
+    if data_config.name == "latents":
+        from diffusion_jax import latents
+
+        meta = latents.read_metadata(data_config.path, data_config.split)
+        if tuple(meta["latent_shape"]) != _expected_shape(data_config):
+            raise ValueError(
+                f"The latent data set {data_config.path} holds latents of shape "
+                f"{tuple(meta['latent_shape'])}, but (data.image_size, data.image_size, "
+                f"data.channels) is {_expected_shape(data_config)}"
+            )
+        return _expected_shape(data_config), meta["num_classes"]
     import tensorflow_datasets as tfds
 
     features = tfds.builder(data_config.name, data_dir=data_config.get("data_dir")).info.features
@@ -402,20 +417,39 @@ class _LoadLocalBatch:
         self._size = data_config.image_size
         self._resize = _is_resizable(data_config.name)
         self._random_flip = data_config.random_flip
+        meta = getattr(source, "meta", None)  # a latent data set's
+        self._latent_factors = (
+            None if meta is None else (meta["scaling_factor"], meta["shift_factor"])
+        )
+
+    def _flips(self, step: int, num: int) -> np.ndarray:
+        """bool [L]: which of this process's rows are mirrored (one draw per row of the
+        *global* batch, then this process's rows)."""
+        if not self._random_flip:
+            return np.zeros(num, bool)[self._rows]
+        rng = np.random.default_rng([self._seed, step, _FLIP_STREAM])
+        return (rng.random(num) < 0.5)[self._rows]
 
     def __call__(self, step: int, indices: np.ndarray) -> dict[str, np.ndarray]:
         records = [self._source[int(i)] for i in indices[self._rows]]
+        labels = np.asarray([r.get("label", 0) for r in records], np.int32)
+        flip = self._flips(step, len(indices))
+        if self._latent_factors is not None:
+            # A latent data set stores each image's posterior and its mirror image's.
+            scale, shift = self._latent_factors
+            side = flip.astype(int)
+            mean = np.stack([r["mean"][s] for r, s in zip(records, side, strict=True)])
+            std = np.stack([r["std"][s] for r, s in zip(records, side, strict=True)])
+            return {
+                "image": ((mean - shift) * scale).astype(np.float32),
+                "std": (std * scale).astype(np.float32),
+                "label": labels,
+            }
         images = [r["image"] for r in records]
         if self._resize:
             images = [_center_crop_resize(im, self._size) for im in images]
         images = np.stack(images)
-        if self._random_flip:
-            # One draw per row of the *global* batch, then this process's rows.
-            rng = np.random.default_rng([self._seed, step, _FLIP_STREAM])
-            flip = rng.random(len(indices)) < 0.5
-            flip = flip[self._rows, None, None, None]
-            images = np.where(flip, images[:, :, ::-1], images)
-        labels = np.asarray([r.get("label", 0) for r in records], np.int32)
+        images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
         images = images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
         return {"image": images, "label": labels}
 
@@ -469,8 +503,11 @@ def create_train_iterator(
     """
     rows = _process_rows(global_batch_size, "training.batch_size", process_index, process_count)
     source = _open_source(data_config)
-    first = source[0]["image"]
-    _check_image(data_config, first.shape, first.dtype)
+    if data_config.name == "latents":
+        dataset_spec(data_config)  # checks the latent shape
+    else:
+        first = source[0]["image"]
+        _check_image(data_config, first.shape, first.dtype)
     if len(source) < global_batch_size:
         raise ValueError(
             f"training.batch_size={global_batch_size} exceeds the "

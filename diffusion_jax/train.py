@@ -59,6 +59,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         config_lib,
         generate,
         input_pipeline,
+        latents,
         pretrained,
         reporting,
         sharding,
@@ -110,7 +111,13 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     generate_fn, preview_labels = None, None
     if tcfg.sample_every:
         generate_fn = generate.make_generate_fn(
-            config, setup.model, mesh, shardings.ema_params, num_preview, classifier
+            config,
+            setup.model,
+            mesh,
+            shardings.ema_params,
+            num_preview,
+            classifier,
+            latents.load_decoder(config, mesh),
         )
         preview_labels = generate.sample_labels(config, num_classes, np.arange(num_preview))
     reporter = reporting.Reporter(

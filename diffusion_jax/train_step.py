@@ -61,7 +61,10 @@ class TrainSetup:
     ``make_optimizer``; ``batch_size``: global examples per step, split into
     ``grad_accum_steps`` micro-batches; ``ema_decay``: of the EMA parameters;
     ``label_dropout``: probability that a class-conditional denoiser trains on the null label
-    (``drop_labels``); ``kl_weight``: of an autoencoder's KL term (``example_terms_fn``).
+    (``drop_labels``); ``kl_weight``: of an autoencoder's KL term (``example_terms_fn``);
+    ``posterior``: the batches are latent posteriors (``"image"`` their mean, ``"std"``
+    their standard deviation, ``diffusion_jax.latents``), and each step trains on a sample
+    ``x0 = mean + std eps`` drawn from the example's key.
     """
 
     model: Any
@@ -74,6 +77,7 @@ class TrainSetup:
     ema_decay: float = 0.9999
     label_dropout: float = 0.0
     kl_weight: float = 0.0
+    posterior: bool = False
 
 
 def make_optimizer(optim_config):
@@ -188,8 +192,20 @@ REPORTED_TERMS = {
     "classifier": {"mean": ("accuracy",), "by_quarter": ("loss", "accuracy")},
     "autoencoder": {"mean": ("reconstruction", "kl"), "by_quarter": ()},
 }
-# The stream of an example's key that draws its autoencoder posterior sample.
+# The stream of an example's key that draws its posterior sample (an autoencoder's own in
+# training it, a latent data set's for latent diffusion).
 _POSTERIOR_STREAM = 0x706F7374
+
+
+def posterior_sample(keys, mean, std):
+    """``mean + std eps`` ``[B, ...]`` with example i's eps from ``fold_in(keys[i],
+    _POSTERIOR_STREAM)``."""
+    eps = jax.vmap(
+        lambda k: jax.random.normal(
+            jax.random.fold_in(k, _POSTERIOR_STREAM), mean.shape[1:], mean.dtype
+        )
+    )(keys)
+    return mean + std * eps
 
 
 def example_terms_fn(setup: TrainSetup):
@@ -213,12 +229,7 @@ def example_terms_fn(setup: TrainSetup):
         def autoencoder_terms(params, batch, x_t, t, noise, dropout_key):
             x0 = batch["image"]
             mean, logvar = model.apply({"params": params}, x0, method=model.encode)
-            eps = jax.vmap(
-                lambda k: jax.random.normal(
-                    jax.random.fold_in(k, _POSTERIOR_STREAM), mean.shape[1:], mean.dtype
-                )
-            )(batch["keys"])
-            z = mean + jnp.exp(0.5 * logvar) * eps
+            z = posterior_sample(batch["keys"], mean, jnp.exp(0.5 * logvar))
             reconstruction = model.apply({"params": params}, z, method=model.decode)
             error = jnp.mean(jnp.square(reconstruction - x0), axis=(1, 2, 3))
             kl = autoencoder.kl_divergence(mean, logvar)
@@ -294,6 +305,9 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
         t_keys, noise_keys = jax.vmap(jax.random.split, out_axes=1)(micro["keys"])
         t, weights = objective.draw(t_keys, history)
         x0 = micro["image"]
+        if setup.posterior:
+            x0 = posterior_sample(micro["keys"], x0, micro["std"])
+            micro = dict(micro, image=x0)
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(noise_keys)
         x_t = objective.noisy(x0, t, noise)
         terms = terms_fn(params, micro, x_t, t, noise, dropout_key)
@@ -326,7 +340,7 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
     def train_step(state, batch):
         example_root, dropout_root = jax.random.split(jax.random.fold_in(state.rng, state.step))
         keys = _per_example_keys(example_root, state.step, batch_size)
-        batch = {"image": batch["image"], "label": batch["label"], "keys": keys}
+        batch = {**batch, "keys": keys}
         # Micro-batch j holds examples {i * accum + j}: each device's contiguous rows split into
         # accum strided sets, so that no example (nor its key) leaves its device.
         micro_batches = jax.tree_util.tree_map(
@@ -373,8 +387,9 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
         return new_state, metrics
 
     batch_shardings = {
-        "image": sharding.batch_sharding(mesh),
-        "label": sharding.batch_sharding(mesh),
+        name: sharding.batch_sharding(mesh)
+        for name in ("image", "label", "std" if setup.posterior else None)
+        if name
     }
     return jax.jit(
         train_step,

@@ -251,7 +251,8 @@ def _unreadable(tmp_path):
             lambda tmp: tmp,
             {"data.name": "digits"},
             config_lib.ConfigError,
-            "Config key 'data.path' ('{path}') is only read when 'data.name' is 'folder', not",
+            "Config key 'data.path' ('{path}') is only read when 'data.name' is 'folder' or "
+            "'latents', not",
         ),
     ],
     ids=["missing", "empty", "unreadable", "unset", "split", "channels", "not_folder"],

@@ -138,6 +138,7 @@ def _one_step(remat: str, network: str):
     return jax.device_get(state.params), float(metrics["loss"]), lowered
 
 
+@pytest.mark.slow  # compiles four train steps: CI's slow pass
 @pytest.mark.parametrize("network", ["unet", "dit"])
 def test_remat_trains_the_same_and_recomputes(network):
     params, loss, program = _one_step("block", network)

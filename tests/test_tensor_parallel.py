@@ -254,6 +254,7 @@ def eight_devices(tmp_path_factory):
     return json.loads(result.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow  # one 8-device training subprocess: CI's slow pass
 def test_four_by_two_trains_like_eight_by_one_on_half_the_bytes(eight_devices):
     """Same losses over 3 steps (float32 round-off: the tensor group sums its heads' and hidden
     units' parts in another order), the 4 x 2 parameters really split over ``tensor``, and
@@ -268,6 +269,7 @@ def test_four_by_two_trains_like_eight_by_one_on_half_the_bytes(eight_devices):
     assert abs(ratio - 0.5) < 0.015, (ratio, out["bytes_4x2"], out["bytes_8x1"])
 
 
+@pytest.mark.slow  # one 8-device training subprocess: CI's slow pass
 def test_four_by_two_program_is_megatrons(eight_devices):
     """The compiled 4 x 2 step all-gathers no weight (no all-gather's result has the shape of
     a parameter), moves no activation by all-to-all or permute, and in the forward pass
@@ -288,6 +290,7 @@ def test_four_by_two_program_is_megatrons(eight_devices):
             assert any(f"blocks_{block}/{layer}/dot_general" in n for n in forward), forward
 
 
+@pytest.mark.slow  # one 8-device training subprocess: CI's slow pass
 def test_checkpoint_of_eight_by_one_resumes_exactly_on_four_by_two(eight_devices):
     """The step-2 checkpoint written under 8 x 1 restores onto 4 x 2 (split over ``tensor``)
     with the same parameters bit for bit, and the next step's loss is 8 x 1's step 3 within

@@ -44,6 +44,10 @@ def check_model_kind(mode: str, config, workdir) -> None:
         )
 
 
+# The modes of a model trained on a latent data set: its samples are decoded to images.
+LATENT_MODES = ("sample", "fid")
+
+
 def evaluate(workdir, mode: str, step: int | None = None, overrides: dict | None = None) -> dict:
     """Runs ``mode`` on ``workdir``; returns its numbers (also in ``eval/<mode>_step<N>.json``,
     with the step and the config). JAX is imported here, not at module import: the program
@@ -64,6 +68,12 @@ def evaluate(workdir, mode: str, step: int | None = None, overrides: dict | None
         raise config_lib.ConfigError(
             f"mode={mode} is defined for objective {' and '.join(supported)} only; {workdir} "
             f"was trained with objective {config.objective.name!r}"
+        )
+    if config.data.name == "latents" and mode not in LATENT_MODES:
+        raise config_lib.ConfigError(
+            f"mode={mode} of a model of latents is not computed: its likelihood would be the "
+            "latents' (nats of z, not of images) and its figures need the image chain; its "
+            f"modes: {', '.join(LATENT_MODES)} (samples decoded to images)"
         )
     context = common.restore(config, workdir, step)
     logging.info("Evaluating step %d of %s: %s", context.step, workdir, mode)

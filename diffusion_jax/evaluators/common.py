@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
@@ -69,6 +70,18 @@ def restore(config, workdir, step: int) -> Context:
         param_sharding=param_sharding,
         eval_dir=workdir / "eval",
     )
+
+
+def with_image_data(ctx: Context) -> Context:
+    """``ctx`` with ``config.data`` the images of a model of latents (``latents.image_data``);
+    ``ctx`` itself for a model of images."""
+    if ctx.config.data.name != "latents":
+        return ctx
+    from diffusion_jax import latents
+
+    config = ml_collections.ConfigDict(ctx.config.to_dict())
+    config.data = latents.image_data(ctx.config)
+    return dataclasses.replace(ctx, config=config)
 
 
 def num_examples(config) -> int:

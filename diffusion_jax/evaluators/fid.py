@@ -166,6 +166,7 @@ def _subset(features: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def run(ctx: common.Context) -> dict:
+    ctx = common.with_image_data(ctx)  # a model of latents is scored by its decoded images
     cfg = ctx.config
     directory = samples.sample_dir(ctx)
     images, labels = samples.load_samples(directory, limit=cfg.eval.num_samples, with_labels=True)

@@ -17,7 +17,15 @@ import jax
 import numpy as np
 from etils import epath
 
-from diffusion_jax import checkpointing, config_lib, generate, input_pipeline, pretrained, reporting
+from diffusion_jax import (
+    checkpointing,
+    config_lib,
+    generate,
+    input_pipeline,
+    latents,
+    pretrained,
+    reporting,
+)
 from diffusion_jax.evaluators import common
 
 SHARD_PATTERN = "shard_*.npz"
@@ -81,7 +89,13 @@ def run(ctx: common.Context) -> dict:
     # every shard: fewer samples than a batch are all it computes; the short last shard of
     # several computes a whole batch rather than compile a second program.
     generate_fn = generate.make_generate_fn(
-        cfg, ctx.model, ctx.mesh, ctx.param_sharding, counts[0], classifier
+        cfg,
+        ctx.model,
+        ctx.mesh,
+        ctx.param_sharding,
+        counts[0],
+        classifier,
+        latents.load_decoder(cfg, ctx.mesh),
     )
     rng = jax.random.PRNGKey(cfg.eval.seed)
     progress = common.Progress("sample", num, "samples", done=num - sum(counts[k] for k in todo))
