@@ -9,7 +9,9 @@ jitted, params and optimizer state donated. Theirs: ``DiTTransformer2DModel`` of
 in eager mode (``model.train()``: its 10% label dropout is on; ours drops no labels, a
 negligible difference in cost), ``torch.optim.Adam``. The two are timed in the same process,
 round after round (interleaved, so a change of the machine's load hits both), each round the
-best of ``--repeats`` steps; the last line has the best of all rounds and the ratio. Both use
+best of ``--repeats`` steps; each round also measures the float32 matmul yardstick
+(``_common.matmul_gflops``: a [2048, 2048]^2 dot); the last line has the best of all rounds,
+the ratio and our step's XLA FLOP rate as a fraction of the best yardstick. Both use
 every core they see (XLA's thread pool, torch's intra-op threads): the numbers mean something
 only as a ratio measured in one run, and only with the machine's load stated alongside.
 
@@ -27,7 +29,14 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import best_of, emit, emit_env, time_compile, xla_flops  # noqa: E402
+from _common import (  # noqa: E402
+    best_of,
+    emit,
+    emit_env,
+    matmul_gflops,
+    time_compile,
+    xla_flops,
+)
 
 from diffusion_jax.models import DiT  # noqa: E402
 
@@ -145,8 +154,12 @@ def main(argv=None):
     config |= dict(batch=a.batch)
     emit(bench="dit_vs_torch_compile", jax_compile_s=compile_s, gflop_per_image=gflop, **config)
     best = {"jax": float("inf"), "torch": float("inf")}
+    yardstick = 0.0
     for r in range(a.rounds):
         start = time.perf_counter()
+        round_yardstick = matmul_gflops()
+        yardstick = max(yardstick, round_yardstick)
+        emit(bench="dit_vs_torch_yardstick", round=r, matmul_gflops=round_yardstick)
         for name, run in (("jax", jax_run), ("torch", torch_run)):
             s, times = best_of(run, a.repeats, warmup=1)
             best[name] = min(best[name], s)
@@ -164,6 +177,8 @@ def main(argv=None):
         jax_images_per_s=a.batch / best["jax"],
         torch_images_per_s=a.batch / best["torch"],
         jax_over_torch=best["torch"] / best["jax"],
+        matmul_gflops=yardstick,
+        jax_fraction_of_matmul=gflop * a.batch / best["jax"] / yardstick if gflop else None,
         loadavg_1min=os.getloadavg()[0],
         **config,
     )

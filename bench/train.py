@@ -30,7 +30,9 @@ first step (compile + one step), the best and mean images/s over the timed steps
 Python literals, else strings). With ``--compile_only`` the step is compiled for the devices
 present (simulated CPU devices work) and not run: one ``train_step_compiled`` line with the
 parameters, ``program_mib`` per device, XLA's FLOPs per image and the compile time; nothing is
-allocated, so it sizes pod-scale configs on a laptop.
+allocated, so it sizes pod-scale configs on a laptop. It compiles with XLA:CPU's
+memory-minimising scheduler: the default one orders for concurrency and keeps far more alive
+than an accelerator's compiler would (``xla_flags.CPU_MEMORY_SCHEDULER_FLAG``).
 
 With ``--max_batch N``, batches 2x, 4x, ... the first are tried up to N, each in a fresh state,
 until one fails with XLA's resource-exhausted (out of memory) error: a ``train_step`` line for
@@ -47,7 +49,9 @@ import sys
 
 from diffusion_jax import xla_flags  # noqa: E402
 
-xla_flags.configure()  # the training program's XLA settings, before JAX starts
+# The training program's XLA settings, before JAX starts; sizing a program (--compile_only)
+# uses XLA:CPU's memory-minimising scheduler (xla_flags.CPU_MEMORY_SCHEDULER_FLAG).
+xla_flags.configure(memory_scheduler="--compile_only" in sys.argv)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -155,10 +159,13 @@ def build(config, num_classes: int, accumulate=None):
     batch_size = config.training.batch_size
     rng = np.random.default_rng(0)
     labels = rng.integers(0, max(num_classes, 1), batch_size, dtype=np.int32)
+    # A latent data set's batches also hold the posterior's standard deviation.
+    std = {"std": np.full((batch_size, *image_shape), 0.1, np.float32)} if setup.posterior else {}
     batches = [
         sharding.global_batch(
             mesh,
             {
+                **std,
                 "image": rng.uniform(-1, 1, (batch_size,) + image_shape).astype(np.float32),
                 "label": labels,
             },
@@ -242,8 +249,10 @@ def compile_train_step(config, num_classes: int) -> dict:
     )
     batch_size = config.training.batch_size
     spread = sharding.batch_sharding(mesh)
+    image = jax.ShapeDtypeStruct((batch_size, *image_shape), np.float32, sharding=spread)
     batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), np.float32, sharding=spread),
+        "image": image,
+        **({"std": image} if setup.posterior else {}),
         "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=spread),
     }
     step_fn = train_step.make_train_step(setup, mesh, shardings)

@@ -77,6 +77,9 @@ def get_config():
     dit.depth = 12
     dit.num_heads = 6
     dit.mlp_ratio = 4.0
+    # The constants of the official code ("official") or of diffusers' DiTTransformer2DModel
+    # ("diffusers"), for weights imported from either (diffusion_jax.dit_weights).
+    dit.numerics = "official"
 
     # The training objective (diffusion_jax.objectives): "ddpm" (its options are the
     # `diffusion` group below, the name every run saved before objectives existed), "edm"

@@ -26,6 +26,7 @@ from diffusion_jax import (
     train_step,
 )
 from diffusion_jax.models import NoisyClassifier
+from diffusion_jax.models import dit as dit_module
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.objectives.flow import TIME_SAMPLINGS
 
@@ -437,6 +438,7 @@ def _validate_dit(config) -> None:
         _at_least(config, path, 1)
     _at_least(config, "model.dit.num_heads", 1)
     _positive(config, "model.dit.mlp_ratio")
+    _choice(config, "model.dit.numerics", tuple(dit_module.NUMERICS))
     if size % dit.patch_size:
         raise ConfigError(
             f"Config key 'model.dit.patch_size' ({dit.patch_size}) must divide "
