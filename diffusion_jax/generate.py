@@ -87,6 +87,10 @@ def make_generate_fn(
             x0 = decoder.decode(decoder_params, x0)
         return jnp.clip(x0, -1.0, 1.0)
 
+    if classifier is None and decoder is None:
+        return jax.jit(
+            generate, in_shardings=(param_sharding, None, None), out_shardings=batch_sharding
+        )
     # The guidance classifier's and the decoder's parameters are arguments too.
     helpers = [(classifier, 3), (decoder and decoder.autoencoder, 4)]
     extra = {i: helper for helper, i in helpers if helper is not None}

@@ -534,6 +534,7 @@ def test_rate_distortion_from_hand_made_terms():
     )
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_figures_of_a_trained_class_conditional_model(trained_workdir, tmp_path):
     workdir = _copy(trained_workdir, tmp_path, "figures")
     result = evaluators.evaluate(workdir, "figures", overrides={"eval.batch_size": 100})

@@ -184,6 +184,7 @@ def _folder_run(path, **overrides):
     return _tiny(**{"data.name": "folder", "data.path": str(path), **overrides})
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 @pytest.mark.usefixtures("cache_dir")
 def test_training_and_exact_resume(folder, tmp_path):
     """A class-conditional RGB run with flips: straight to 4 steps, and restarted from the

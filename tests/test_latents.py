@@ -3,7 +3,10 @@ training program, the latent data set (deterministic, resumable, one per autoenc
 on posterior samples, and generation decoded through the autoencoder."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +27,7 @@ from diffusion_jax import (
 )
 from diffusion_jax.evaluators import common, samples
 from diffusion_jax.models import autoencoder
-from tests.test_train import _config
+from tests.test_train import REPO, _config
 
 TINY_AE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=2, norm_num_groups=4)
 
@@ -118,6 +121,48 @@ def test_encoding_resumed_after_a_kill_gives_the_same_bytes(encoded, tmp_path):
     assert json.loads(meta_path.read_text()) == json.loads(
         (root / "latents" / "train" / "latents.json").read_text()
     )
+
+
+@pytest.mark.slow  # three encoding programs: CI's slow pass
+def test_encoding_on_1_or_4_devices_or_2_processes_writes_the_same_files(encoded, tmp_path):
+    root = encoded[0]
+    flags = [f"--autoencoder={root / 'ae'}", "--batch_per_device=16", "--chunk_size=512"]
+    runs = {
+        "1 device": (["-m", "diffusion_jax.encode"], 1),
+        "4 devices": (["-m", "diffusion_jax.encode"], 4),
+    }
+    for name, (command, devices) in runs.items():
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            JAX_PLATFORMS="cpu",
+        )
+        out = tmp_path / name.replace(" ", "_")
+        run = subprocess.run(
+            [sys.executable, *command, *flags, f"--out={out}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "2_processes"
+    env = dict(os.environ, MODULE="diffusion_jax.encode", PYTHON=sys.executable)
+    env["LOG_DIR"] = str(tmp_path / "logs")
+    run = subprocess.run(
+        ["bash", str(REPO / "launch" / "local.sh"), "2", "2", "--", *flags, f"--out={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert run.returncode == 0, logs[-3000:]
+    one = _files(tmp_path / "1_device")
+    assert len(one) == 9  # 3 chunks of 512 x (mean, std, label)
+    assert _files(tmp_path / "4_devices") == one == _files(out)
 
 
 @pytest.mark.slow  # the autoencoder and latent model are trained: CI's slow pass

@@ -143,6 +143,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_fsdp_matches_data_parallel(reference_run, tmp_path):
     """fsdp=2 on the same 4 devices: the kernels with >= 2**14 elements (the time embedding's
     128x128 and two 3x3x64x32 convolutions), their EMA and Adam moments are split over pairs of
@@ -207,6 +208,7 @@ def start_local_sh():
         launcher.wait()
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_sigterm_to_local_sh_saves_and_stops_all_processes(start_local_sh, tmp_path):
     logs = tmp_path / "logs"
     flags = [*TINY_RUN, f"--workdir={tmp_path}", "--config.training.num_steps=100000"]

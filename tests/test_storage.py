@@ -122,6 +122,7 @@ def _snapshot(directory: epath.Path) -> dict[str, str]:
     return files
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_train_resume_and_evaluate_on_gcs(bucket, compile_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     workdir = bucket / "run"

@@ -207,6 +207,7 @@ def reference(tmp_path_factory, cache_dir):
     return workdir
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
     # All three runs are the program itself: it sets XLA flags (the CPU convolution kernels) that
     # this test process lacks, and those change the last bits of the results.
@@ -1055,6 +1056,7 @@ def test_train_step_traces_once_and_moves_the_ema_by_its_decay(cache_dir):
         chex.assert_trees_all_close(after.ema_params, expected, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_scan_and_loop_accumulation_match_one_big_batch(cache_dir):
     """One step of 2 micro-batches, as a scan and as a loop, against 1 micro-batch. Importance
     sampling over T=4 with 16 examples puts several examples on each t; the loss history
