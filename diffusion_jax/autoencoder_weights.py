@@ -33,24 +33,13 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from diffusion_jax import state_dicts
 from diffusion_jax.models.autoencoder import AutoencoderKL
+from diffusion_jax.state_dicts import CheckpointError, one_line
 
 # Older diffusers names of the mid-block attention's layers -> the current ones.
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _CONFIG_KEYS = ("norm_num_groups", "scaling_factor", "shift_factor")
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """The weights file does not exist."""
-
-
-class CheckpointError(ValueError):
-    """The file or state dict is not (a readable copy of) an AutoencoderKL's weights."""
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _current_key(key: str) -> str:
@@ -87,7 +76,7 @@ def _array(state: Mapping, key: str, source: str) -> np.ndarray:
             value = value.detach().cpu().float().numpy()
         return np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{source}: {key!r} is not an array ({_one_line(e)})") from None
+        raise CheckpointError(f"{source}: {key!r} is not an array ({one_line(e)})") from None
 
 
 def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -222,33 +211,11 @@ def random_state_dict(model: AutoencoderKL, seed: int = 0) -> dict[str, np.ndarr
 
 def _read_state_dict(path: str) -> Mapping:
     """The raw state dict of a ``.safetensors`` (NumPy) or a ``.bin``/``.pt``/``.pth`` (torch)."""
-    file = epath.Path(path)
-    if not file.exists() or file.is_dir():
-        raise WeightsNotFoundError(f"no AutoencoderKL weights at {path!r}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load
-
-        try:
-            return load(file.read_bytes())
-        except Exception as e:  # safetensors raises its own SafetensorError, among others
-            raise CheckpointError(
-                f"{path}: not a readable .safetensors file ({_one_line(e)})"
-            ) from None
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"reading the PyTorch checkpoint {path} needs torch (pip install torch); "
-            "the .safetensors file of the same weights loads without it"
-        ) from None
-    try:
-        with file.open("rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...)
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_one_line(e)})") from None
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state
+    return state_dicts.read(
+        path,
+        missing="AutoencoderKL weights",
+        torch_hint="pip install torch; the .safetensors file of the same weights loads without it",
+    )
 
 
 def load_params(path, norm_num_groups: int | None = None) -> tuple[dict, dict]:
@@ -270,7 +237,7 @@ def load_params(path, norm_num_groups: int | None = None) -> tuple[dict, dict]:
         try:
             config = json.loads(config_file.read_text())
         except ValueError as e:
-            raise CheckpointError(f"{config_file}: not JSON ({_one_line(e)})") from None
+            raise CheckpointError(f"{config_file}: not JSON ({one_line(e)})") from None
         kwargs.update({k: config[k] for k in _CONFIG_KEYS if config.get(k) is not None})
     if norm_num_groups is not None:
         kwargs["norm_num_groups"] = norm_num_groups

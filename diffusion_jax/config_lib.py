@@ -376,8 +376,25 @@ def _validate_model(config) -> None:
         _validate_dit(config)
 
 
+def _check_levels(config, groups_key: str, channels: list[int], levels_key: str) -> None:
+    """A convolutional network's levels: the GroupNorm groups (``groups_key``) divide every
+    level's ``channels``, and the image halves exactly once per level after the first
+    (``levels_key`` names the key with one entry per level)."""
+    groups, size = _get(config, groups_key), config.data.image_size
+    if any(c % groups for c in channels):
+        raise ConfigError(
+            f"Config key {groups_key!r} ({groups}) must divide the channels of every level, "
+            f"{channels}"
+        )
+    factor = 2 ** (len(channels) - 1)
+    if size % factor:
+        raise ConfigError(
+            f"Config key 'data.image_size' ({size}) must be divisible by "
+            f"2**(len({levels_key}) - 1) = {factor}"
+        )
+
+
 def _validate_autoencoder(config) -> None:
-    ae, size = config.model.autoencoder, config.data.image_size
     for path in (
         "model.autoencoder.layers_per_block",
         "model.autoencoder.latent_channels",
@@ -385,18 +402,15 @@ def _validate_autoencoder(config) -> None:
     ):
         _at_least(config, path, 1)
     _at_least(config, "model.autoencoder.kl_weight", 0)
-    channels = tuple(ae.block_out_channels)
-    if not channels or any(c % ae.norm_num_groups for c in channels):
-        raise ConfigError(
-            f"Config key 'model.autoencoder.norm_num_groups' ({ae.norm_num_groups}) must divide "
-            f"every level's channels, model.autoencoder.block_out_channels = {list(channels)}"
-        )
-    factor = 2 ** (len(channels) - 1)
-    if size % factor:
-        raise ConfigError(
-            f"Config key 'data.image_size' ({size}) must be divisible by the autoencoder's down "
-            f"factor 2**(len(model.autoencoder.block_out_channels) - 1) = {factor}"
-        )
+    channels = list(config.model.autoencoder.block_out_channels)
+    if not channels:
+        raise ConfigError("Config key 'model.autoencoder.block_out_channels' is empty")
+    _check_levels(
+        config,
+        "model.autoencoder.norm_num_groups",
+        channels,
+        "model.autoencoder.block_out_channels",
+    )
 
 
 def _validate_unet(config) -> None:
@@ -407,18 +421,7 @@ def _validate_unet(config) -> None:
     _at_least(config, "model.unet.num_head_channels", 0)
     _fraction(config, "model.unet.dropout")
     channels = [unet.ch * mult for mult in unet.ch_mult]
-    for level_channels in channels:
-        if level_channels % unet.num_groups:
-            raise ConfigError(
-                f"Config key 'model.unet.num_groups' ({unet.num_groups}) must divide the "
-                f"channels of every level, model.unet.ch * model.unet.ch_mult = {channels}"
-            )
-    levels = len(unet.ch_mult)
-    if size % 2 ** (levels - 1):
-        raise ConfigError(
-            f"Config key 'data.image_size' ({size}) must be divisible by "
-            f"2**(len(model.unet.ch_mult) - 1) = {2 ** (levels - 1)}"
-        )
+    _check_levels(config, "model.unet.num_groups", channels, "model.unet.ch_mult")
     # Attention runs at the levels whose size is listed, and in the middle block (last level).
     attended = {c for i, c in enumerate(channels) if size // 2**i in unet.attn_resolutions}
     attended.add(channels[-1])

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import state_dicts
 from diffusion_jax.models.dit import DIT_SIZES, DiT, sincos_2d_table
 
 # num_heads of the paper's sizes by hidden size (S, B, L, XL).
@@ -66,7 +67,7 @@ HEADS_BY_HIDDEN = {v["hidden_size"]: v["num_heads"] for v in DIT_SIZES.values()}
 _CONVERT_HINT = "python -m diffusion_jax.dit_weights convert IN.pt OUT.safetensors"
 
 
-class DiTWeightsError(ValueError):
+class DiTWeightsError(state_dicts.CheckpointError):
     """A state dict that is not a DiT of the recognised formats, or does not fit one."""
 
 
@@ -285,22 +286,8 @@ def _official(state_dict: Mapping, num_heads: int | None) -> tuple[dict, dict]:
         sources[("y_embedder", "embedding_table", "embedding")] = (key, sd[key])
     for i in range(kwargs["depth"]):
         b, block = f"blocks.{i}", f"blocks_{i}"
-        qkv_w, qkv_b = _get(sd, f"{b}.attn.qkv.weight"), _get(sd, f"{b}.attn.qkv.bias")
-        d = qkv_w.shape[-1]
-        sources[(block, "attn", "qkv", "kernel")] = (f"{b}.attn.qkv.weight", _qkv(qkv_w, heads))
-        sources[(block, "attn", "qkv", "bias")] = (
-            f"{b}.attn.qkv.bias",
-            qkv_b.reshape(3, heads, -1) if qkv_b.size == 3 * d and d % heads == 0 else qkv_b,
-        )
-        proj_w = _get(sd, f"{b}.attn.proj.weight")
-        sources[(block, "attn", "proj", "kernel")] = (
-            f"{b}.attn.proj.weight",
-            _proj(proj_w, heads),
-        )
-        sources[(block, "attn", "proj", "bias")] = (
-            f"{b}.attn.proj.bias",
-            _get(sd, f"{b}.attn.proj.bias"),
-        )
+        qkv = (f"{b}.attn.qkv.weight", f"{b}.attn.qkv.bias")
+        _attention(sources, block, heads, qkv, *(_get(sd, k) for k in qkv), sd, f"{b}.attn.proj")
         linear((block, "mlp", "fc1"), f"{b}.mlp.fc1")
         linear((block, "mlp", "fc2"), f"{b}.mlp.fc2")
         linear((block, "adaLN_modulation"), f"{b}.adaLN_modulation.1")
@@ -329,6 +316,21 @@ def _proj(w: np.ndarray, heads: int) -> np.ndarray:
     if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] % heads:
         return w
     return _proj_kernel(w, heads)
+
+
+def _attention(sources, block, heads, qkv_keys, qkv_w, qkv_b, sd, proj) -> None:
+    """Adds ``block``'s attention parameters to ``sources``: the input projection from the
+    official layout ``[3D, D]`` weight and ``[3D]`` bias (``qkv_keys`` name them) and the
+    output projection from the state dict's ``<proj>.weight`` and ``.bias``."""
+    d = qkv_w.shape[-1]
+    sources[(block, "attn", "qkv", "kernel")] = (qkv_keys[0], _qkv(qkv_w, heads))
+    sources[(block, "attn", "qkv", "bias")] = (
+        qkv_keys[1],
+        qkv_b.reshape(3, heads, -1) if qkv_b.size == 3 * d and d % heads == 0 else qkv_b,
+    )
+    proj_w = _get(sd, f"{proj}.weight")
+    sources[(block, "attn", "proj", "kernel")] = (f"{proj}.weight", _proj(proj_w, heads))
+    sources[(block, "attn", "proj", "bias")] = (f"{proj}.bias", _get(sd, f"{proj}.bias"))
 
 
 # diffusers' per-block embedders: (suffix under transformer_blocks.<i>.norm1.emb., target path).
@@ -394,25 +396,8 @@ def _diffusers(state_dict: Mapping, num_heads: int | None) -> tuple[dict, dict]:
             raise DiTWeightsError(
                 f"{keys_w}: shapes {[w.shape for w in ws]}, expected three [D, D] matrices"
             )
-        sources[(block, "attn", "qkv", "kernel")] = (
-            keys_w,
-            _qkv(np.concatenate(ws, axis=0), heads),
-        )
-        d = ws[0].shape[0]
-        qkv_b = np.concatenate(bs, axis=0)
-        sources[(block, "attn", "qkv", "bias")] = (
-            keys_b,
-            qkv_b.reshape(3, heads, -1) if qkv_b.size == 3 * d and d % heads == 0 else qkv_b,
-        )
-        proj_w = _get(sd, f"{b}.attn1.to_out.0.weight")
-        sources[(block, "attn", "proj", "kernel")] = (
-            f"{b}.attn1.to_out.0.weight",
-            _proj(proj_w, heads),
-        )
-        sources[(block, "attn", "proj", "bias")] = (
-            f"{b}.attn1.to_out.0.bias",
-            _get(sd, f"{b}.attn1.to_out.0.bias"),
-        )
+        qkv_w, qkv_b = np.concatenate(ws, axis=0), np.concatenate(bs, axis=0)
+        _attention(sources, block, heads, (keys_w, keys_b), qkv_w, qkv_b, sd, f"{b}.attn1.to_out.0")
         linear((block, "mlp", "fc1"), f"{b}.ff.net.0.proj")
         linear((block, "mlp", "fc2"), f"{b}.ff.net.2")
     linear(("final_layer", "adaLN_modulation"), "proj_out_1")
@@ -457,32 +442,19 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     """The raw state dict of a ``.safetensors`` (NumPy, no torch) or ``.pt``/``.pth``/``.bin``
     file (needs torch; a train.py checkpoint's ``"ema"`` entry is taken, as the official
     sample.py does)."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(path)
-        except TypeError as e:  # e.g. bfloat16, which NumPy lacks
-            raise DiTWeightsError(
-                f"{path}: safetensors' NumPy reader cannot read it ({e}); convert it to float32"
-            ) from e
-    if not path.endswith((".pt", ".pth", ".bin")):
-        raise DiTWeightsError(f"{path}: expected a .safetensors, .pt, .pth or .bin file")
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            f"{path}: install torch to read .pt, or convert to safetensors where torch is "
-            f"installed: {_CONVERT_HINT}"
-        ) from e
-    with torch.serialization.safe_globals([argparse.Namespace]):  # train.py saves its args
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "ema" in state:
+    state = state_dicts.read(
+        path,
+        missing="DiT weights",
+        torch_hint=f"install torch to read .pt, or convert to safetensors where torch is "
+        f"installed: {_CONVERT_HINT}",
+        torch_safe_globals=(argparse.Namespace,),  # train.py saves its args beside the weights
+    )
+    if "ema" in state and isinstance(state["ema"], Mapping):
         state = state["ema"]
-    if not isinstance(state, Mapping):
-        raise DiTWeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
+    return {
+        k: np.asarray(v.detach().cpu().float() if hasattr(v, "detach") else v)
+        for k, v in state.items()
+    }
 
 
 def _diffusers_config(path) -> dict | None:

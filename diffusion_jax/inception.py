@@ -21,13 +21,14 @@ import argparse
 import functools
 import os
 import sys
-import zipfile
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
+
+from diffusion_jax import state_dicts
+from diffusion_jax.state_dicts import CheckpointError, WeightsNotFoundError, one_line
 
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -39,14 +40,6 @@ POOL3_DIM = 2048
 BN_EPS = 1e-3
 _PRECISION = jax.lax.Precision.HIGHEST
 _CONVERT_HINT = "python -m diffusion_jax.inception convert IN.pth OUT.npz"
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """The weights file does not exist."""
-
-
-class CheckpointError(ValueError):
-    """The file is not (a readable copy of) the FID Inception weights."""
 
 
 # --- Architecture: every convolution, as torchvision/pytorch-fid define it. ---
@@ -324,41 +317,15 @@ def _preprocess(images):
 # --- Weights. ---
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def _read_state_dict(path) -> Mapping:
     """The raw state dict in a pytorch-fid ``.pth`` or a converted ``.npz`` (by extension)."""
-    path = os.fspath(path)
-    file = epath.Path(path)
-    if not file.exists() or file.is_dir():
-        raise WeightsNotFoundError(
-            f"no Inception weights at {path!r}: download {FID_WEIGHTS_URL} "
-            f"(and, to load without torch, {_CONVERT_HINT})"
-        )
-    if path.endswith(".npz"):
-        try:
-            with file.open("rb") as f, np.load(f, allow_pickle=False) as arrays:
-                return {k: arrays[k] for k in arrays.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise CheckpointError(f"{path}: not a readable .npz file ({_one_line(e)})") from None
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"reading the PyTorch checkpoint {path} needs torch: pip install torch, "
-            f"or convert it to .npz where torch is installed: {_CONVERT_HINT}"
-        ) from None
-    try:
-        with file.open("rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...)
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_one_line(e)})") from None
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state
+    return state_dicts.read(
+        path,
+        missing="Inception weights",
+        where_to_get=f"download {FID_WEIGHTS_URL} (and, to load without torch, {_CONVERT_HINT})",
+        torch_hint=f"pip install torch, or convert it to .npz where torch is installed: "
+        f"{_CONVERT_HINT}",
+    )
 
 
 def _checked_arrays(state: Mapping, source: str = "state dict") -> dict[str, np.ndarray]:
@@ -379,7 +346,7 @@ def _checked_arrays(state: Mapping, source: str = "state dict") -> dict[str, np.
         try:
             a = np.asarray(state[key], dtype=np.float32)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{source}: {key!r} is not an array ({_one_line(e)})") from None
+            raise CheckpointError(f"{source}: {key!r} is not an array ({one_line(e)})") from None
         if a.shape != shape:
             hint = ""
             if key == "fc.weight" and a.shape == (1000, POOL3_DIM):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import autoencoder_weights as aw
+from diffusion_jax import state_dicts
 from diffusion_jax.models.autoencoder import SD_VAE, AutoencoderKL
 
 # Down factor 2: conv shortcuts in both directions, one down- and one upsampler, mid attention.
@@ -247,7 +248,7 @@ def test_load_params_files(tmp_path, monkeypatch):
     assert kwargs["norm_num_groups"] == 8 and kwargs["scaling_factor"] == 0.13025
     assert "shift_factor" not in kwargs
 
-    with pytest.raises(aw.WeightsNotFoundError, match="no AutoencoderKL weights"):
+    with pytest.raises(state_dicts.WeightsNotFoundError, match="no AutoencoderKL weights"):
         aw.load_params(tmp_path / "absent.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(aw.CheckpointError, match="not a readable .safetensors"):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import dit_weights
+from diffusion_jax import dit_weights, state_dicts
 from diffusion_jax.dit_weights import DiTWeightsError
 from diffusion_jax.models import DiT
 from diffusion_jax.models.dit import NUMERICS, DiTBlock, sincos_2d_table
@@ -281,8 +281,11 @@ def test_load_params_from_files(tmp_path, monkeypatch):
         dit_weights.load_params(folder / "diffusion_pytorch_model.safetensors")
 
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    (tmp_path / "DiT-XL-2-256x256.pt").write_bytes(b"a PyTorch file")
     with pytest.raises(ImportError, match="install torch to read .pt, or convert to safetensors"):
         dit_weights.load_params(tmp_path / "DiT-XL-2-256x256.pt")
+    with pytest.raises(state_dicts.WeightsNotFoundError, match="no DiT weights at"):
+        dit_weights.load_params(tmp_path / "DiT-XL-2-512x512.pt")
 
 
 # --- Parity with diffusers' PyTorch DiTTransformer2DModel (the `peer` extra). ---
