@@ -411,8 +411,8 @@ def test_classifier_guided_flow_generation_equals_a_hand_guided_chain():
 def test_a_flow_classifier_run_guides_a_flow_model(tmp_path):
     """End to end: a classifier trained 2 steps with objective flow (the train step feeds it
     ``(x_t, 1000 t)``) guides the generation of a flow U-Net as the velocity written out with
-    its restored parameters; ``mode=accuracy``, which noises on DDPM's schedule, refuses it in
-    one line."""
+    its restored parameters; ``mode=accuracy`` scores it on flow matching's own noise (its
+    record says which objective, and its noise levels are flow's t in (0, 1))."""
     workdir = tmp_path / "classifier"
     classifier_config = config_defaults.use_objective(test_classifier.tiny_config(), "flow")
     classifier_config.training.sample_every = 0
@@ -439,10 +439,10 @@ def test_a_flow_classifier_run_guides_a_flow_model(tmp_path):
     np.testing.assert_allclose(samples, np.clip(expected, -1, 1), atol=2e-5)
     unguided = _flow_chain(model_apply, config, rng, first, num)
     assert np.abs(samples - np.clip(unguided, -1, 1)).max() > 0.05
-    with pytest.raises(config_lib.ConfigError) as info:
-        evaluators.evaluate(workdir, "accuracy", None, {})
-    assert "mode=accuracy is defined for objective ddpm only" in str(info.value)
-    assert "\n" not in str(info.value)
+    scored = evaluators.evaluate(workdir, "accuracy", None, {"eval.num_examples": 40})
+    assert scored["objective"] == "flow" and scored["num_examples"] == 40
+    with np.load(workdir / "eval" / "accuracy_step2.npz") as saved:
+        assert saved["t"].dtype == np.float32 and 0 < saved["t"].min() < saved["t"].max() < 1
 
 
 def test_sample_shards_give_back_their_labels_and_refuse_a_mix(tmp_path):
