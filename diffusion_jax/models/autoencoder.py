@@ -40,6 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.layers import group_norm
+
 Dtype = Any
 
 SD_VAE = dict(
@@ -77,14 +79,7 @@ def _conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1, 
 
 def _group_norm(num_groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
     """GroupNorm, eps 1e-6, affine; statistics in float32 with the two-pass variance (torch's)."""
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=1e-6,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        use_fast_variance=False,
-        name=name,
-    )
+    return group_norm(num_groups, dtype, name, fast_variance=False)
 
 
 class ResnetBlock(nn.Module):

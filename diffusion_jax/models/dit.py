@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models.layers import check_labels
+
 Dtype = Any
 
 # Named sizes of the paper (table 1): (hidden_size, depth, num_heads); each with patch 2, 4 or 8.
@@ -356,13 +358,7 @@ class DiT(nn.Module):
             raise ValueError(f"patch_size={self.patch_size} must divide x height/width {H}")
         if jnp.ndim(t) != 1 or jnp.shape(t)[0] != B:
             raise ValueError(f"t must have shape [B] = [{B}], got {jnp.shape(t)}")
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("y given but the model has num_classes=None")
-        elif y is None:
-            raise ValueError("model is class-conditional: pass y (num_classes = no label)")
-        elif jnp.shape(y) != (B,):
-            raise ValueError(f"y must have shape [B] = [{B}], got {jnp.shape(y)}")
+        check_labels(y, B, self.num_classes, self.null_label)
 
     @nn.compact
     def __call__(

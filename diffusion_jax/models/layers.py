@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -71,11 +72,48 @@ class Conv3x3(nn.Module):
         return y + bias.astype(self.dtype)
 
 
-def group_norm(num_groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
-    """GroupNorm(num_groups) with eps 1e-6 (the reference's), learned scale and bias."""
+def group_norm(
+    num_groups: int, dtype: Dtype, name: str, *, fast_variance: bool = True
+) -> nn.GroupNorm:
+    """GroupNorm(num_groups) with eps 1e-6 (the reference's), learned scale and bias.
+    ``fast_variance=False``: the two-pass variance (torch's, for parity with its networks)."""
     return nn.GroupNorm(
-        num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name
+        num_groups=num_groups,
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=fast_variance,
+        name=name,
     )
+
+
+def check_labels(y, batch: int, num_classes: int | None, null_label: bool) -> None:
+    """The labels of a denoising network's call (``models.NETWORKS``' contract): None for an
+    unconditional network, else int ``[batch]`` in ``[0, num_classes]`` (``num_classes`` the
+    null label) or ``[0, num_classes)`` without ``null_label``. Raises ValueError naming the
+    problem. Concrete labels are range-checked here; under jit an out-of-range label reads a
+    row of NaN (``jnp.take``'s fill for out-of-bounds indices), which poisons the output."""
+    if num_classes is None:
+        if y is not None:
+            raise ValueError("y given but the model has num_classes=None")
+        return
+    if y is None:
+        raise ValueError(
+            "model is class-conditional: pass y (num_classes = no label)"
+            if null_label
+            else "model is class-conditional: pass y (it has no null label)"
+        )
+    if jnp.shape(y) != (batch,):
+        raise ValueError(f"y must have shape [B] = [{batch}], got {jnp.shape(y)}")
+    if not isinstance(y, jax.core.Tracer):
+        rows = num_classes + 1 if null_label else num_classes
+        bad = np.asarray(y)[(np.asarray(y) < 0) | (np.asarray(y) >= rows)]
+        if bad.size:
+            raise ValueError(
+                f"labels must be in [0, {rows})"
+                + ("" if null_label else " (null_label=False: no 'no label' token)")
+                + f", got {bad.tolist()}"
+            )
 
 
 def downsample_avg(x: jax.Array) -> jax.Array:

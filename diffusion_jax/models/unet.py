@@ -21,7 +21,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffusion_jax.models.layers import (
     AttnBlock,
@@ -29,6 +28,7 @@ from diffusion_jax.models.layers import (
     Downsample,
     ResBlock,
     Upsample,
+    check_labels,
     default_init,
     group_norm,
     timestep_embedding,
@@ -206,29 +206,7 @@ class UNet(nn.Module):
 
     def _check_inputs(self, x, t, y):
         check_image_and_t(x, t, self.ch_mult)
-        B = x.shape[0]
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("y given but the model has num_classes=None")
-        elif y is None:
-            raise ValueError(
-                "model is class-conditional: pass y (num_classes = no label)"
-                if self.null_label
-                else "model is class-conditional: pass y (it has no null label)"
-            )
-        elif jnp.shape(y) != (B,):
-            raise ValueError(f"y must have shape [B] = [{B}], got {jnp.shape(y)}")
-        elif not isinstance(y, jax.core.Tracer):
-            # Concrete labels are checked here; under jit an out-of-range label reads a row of
-            # NaN (jnp.take's fill for out-of-bounds indices), which poisons the output.
-            rows = self.num_classes + 1 if self.null_label else self.num_classes
-            bad = np.asarray(y)[(np.asarray(y) < 0) | (np.asarray(y) >= rows)]
-            if bad.size:
-                raise ValueError(
-                    f"labels must be in [0, {rows})"
-                    + ("" if self.null_label else " (null_label=False: no 'no label' token)")
-                    + f", got {bad.tolist()}"
-                )
+        check_labels(y, x.shape[0], self.num_classes, self.null_label)
 
     @nn.compact
     def __call__(
