@@ -103,7 +103,7 @@ def _get(config, path):
     return config
 
 
-def _check_folder(config):
+def _check_data_path(config):
     """``data.path`` names the image folder of ``data.name`` "folder" or the latent data set of
     "latents", and nothing else; whether it exists and holds images is checked when the data
     is opened (it lists directories). Latents are not clipped to the images' [-1, 1]."""
@@ -150,7 +150,7 @@ def validate(
     _choice(config, "diffusion.loss_weighting", losses.LOSS_WEIGHTINGS)
     _choice(config, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS)
     _choice(config, "training.compute_dtype", tuple(COMPUTE_DTYPES))
-    _check_folder(config)
+    _check_data_path(config)
     _choice(config, "sampling.spacing", schedules.SPACINGS)
     for path in (
         "diffusion.num_timesteps",

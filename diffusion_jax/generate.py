@@ -91,21 +91,15 @@ def make_generate_fn(
         return jax.jit(
             generate, in_shardings=(param_sharding, None, None), out_shardings=batch_sharding
         )
-    # The guidance classifier's and the decoder's parameters are arguments too.
-    helpers = [(classifier, 3), (decoder and decoder.autoencoder, 4)]
-    extra = {i: helper for helper, i in helpers if helper is not None}
+    # The guidance classifier's and the decoder's parameters are arguments too (None: absent).
+    helpers = (classifier, decoder and decoder.autoencoder)
     compiled = jax.jit(
         generate,
-        in_shardings=(param_sharding, None, None)
-        + tuple(extra[i].param_sharding if i in extra else None for i in (3, 4)),
+        in_shardings=(param_sharding, None, None, *(h and h.param_sharding for h in helpers)),
         out_shardings=batch_sharding,
     )
     return lambda params, rng, first_index: compiled(
-        params,
-        rng,
-        first_index,
-        classifier.params if classifier else None,
-        decoder.autoencoder.params if decoder else None,
+        params, rng, first_index, *(h and h.params for h in helpers)
     )
 
 

@@ -386,11 +386,8 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
                 metrics[f"{name}_q{q}_count"] = jnp.sum(mask)
         return new_state, metrics
 
-    batch_shardings = {
-        name: sharding.batch_sharding(mesh)
-        for name in ("image", "label", "std" if setup.posterior else None)
-        if name
-    }
+    names = ("image", "label", "std") if setup.posterior else ("image", "label")
+    batch_shardings = {name: sharding.batch_sharding(mesh) for name in names}
     return jax.jit(
         train_step,
         in_shardings=(state_sharding, batch_shardings),
