@@ -45,7 +45,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import config_lib, input_pipeline, pretrained, sharding
+from diffusion_jax import config_lib, generate, input_pipeline, pretrained, sharding
+from diffusion_jax.evaluators import common
 from diffusion_jax.models.autoencoder import AutoencoderKL
 
 FORMAT = 1
@@ -91,7 +92,8 @@ def load_autoencoder(path: str, mesh) -> Autoencoder:
         return Autoencoder(model, params, param_sharding, reference, config.data.to_dict())
     from diffusion_jax import autoencoder_weights
 
-    params, kwargs = autoencoder_weights.load_params(path)
+    variables, kwargs = autoencoder_weights.load_params(path)  # {"params": ...}
+    params = variables["params"]
     replicated = sharding.replicated(mesh)
     params = jax.device_put(params, replicated)
     param_sharding = jax.tree_util.tree_map(lambda _: replicated, params)
@@ -121,13 +123,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
-
-
-def _write_atomically(path: epath.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _chunk_path(directory: epath.Path, name: str, k: int) -> epath.Path:
@@ -197,7 +192,7 @@ def encode_split(
             )
     is_main = jax.process_index() == 0
     if is_main and not meta_path.exists():
-        _write_atomically(meta_path, json.dumps({**settings, "complete": False}).encode())
+        common.write_json(meta_path, {**settings, "complete": False})
     encode_fn = make_encode_fn(autoencoder, mesh)
     num_chunks = -(-num_examples // chunk_size)
     for k in range(num_chunks):
@@ -215,28 +210,23 @@ def encode_split(
         for _, local in zip(range(-(-count // global_batch)), batches, strict=False):
             images = sharding.global_batch(mesh, local["image"])
             mean, std = encode_fn(autoencoder.params, images)
-            means.append(np.asarray(_to_host(mean)))
-            stds.append(np.asarray(_to_host(std)))
-            labels.append(np.asarray(_to_host(sharding.global_batch(mesh, local["label"]))))
+            means.append(np.asarray(generate.to_host(mean)))
+            stds.append(np.asarray(generate.to_host(std)))
+            labels.append(np.asarray(generate.to_host(sharding.global_batch(mesh, local["label"]))))
         if is_main:
             for name, parts in (("mean", means), ("std", stds), ("label", labels)):
-                _write_atomically(
+                common.write_atomically(
                     _chunk_path(directory, name, k), _npy_bytes(np.concatenate(parts)[:count])
                 )
     if is_main:
-        _finish(directory, settings)
+        _finish(directory, settings, autoencoder)
     multihost_utils.sync_global_devices("latents: encoded")
     return read_metadata(out, split)
 
 
-def _to_host(x):
-    from diffusion_jax import generate
-
-    return generate.to_host(x)
-
-
-def _finish(directory: epath.Path, settings: dict) -> None:
-    """Adds the latent statistics to the metadata and marks it complete."""
+def _finish(directory: epath.Path, settings: dict, autoencoder: Autoencoder) -> None:
+    """Adds the latent statistics to the metadata and marks it complete; imported weights
+    keep their own scaling (the module's attributes, read from their ``config.json``)."""
     source = LatentSource.from_directory(directory, settings)
     means, stds = (np.asarray(a, np.float64) for a in source.arrays())
     latent_shape = list(means.shape[2:])
@@ -251,16 +241,10 @@ def _finish(directory: epath.Path, settings: dict) -> None:
         "shift_factor": 0.0,
         "complete": True,
     }
-    if "weights" in settings["autoencoder"]:
-        meta["scaling_factor"], meta["shift_factor"] = _imported_factors(settings["autoencoder"])
-    _write_atomically(directory / "latents.json", (json.dumps(meta, indent=2) + "\n").encode())
-
-
-def _imported_factors(reference: dict) -> tuple[float, float]:
-    from diffusion_jax import autoencoder_weights
-
-    _, kwargs = autoencoder_weights.load_params(reference["weights"])
-    return float(kwargs["scaling_factor"]), float(kwargs["shift_factor"])
+    if "weights" in autoencoder.reference:
+        model = autoencoder.model
+        meta["scaling_factor"], meta["shift_factor"] = model.scaling_factor, model.shift_factor
+    common.write_json(directory / "latents.json", meta)
 
 
 class LatentSource:

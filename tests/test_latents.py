@@ -262,3 +262,30 @@ def test_posterior_sample_draws_from_the_examples_own_key():
     kl = autoencoder.kl_divergence(jnp.ones((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)))
     assert float(kl[0]) == pytest.approx(1.0)
     assert config_defaults.get_config().model.autoencoder.kl_weight == 1e-6
+
+
+def test_imported_weights_encode_with_their_own_scaling(tmp_path):
+    """A diffusers weights file (a random tiny VAE here) encodes the digits, and the latents
+    keep the scaling its config.json gives instead of one computed from the data."""
+    from safetensors.numpy import save_file
+
+    from diffusion_jax import autoencoder_weights
+
+    model = autoencoder.AutoencoderKL(in_channels=1, out_channels=1, **TINY_AE)
+    state = autoencoder_weights.random_state_dict(model, 0)
+    weights = tmp_path / "vae.safetensors"
+    save_file({k: np.asarray(v, np.float32) for k, v in state.items()}, weights)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"norm_num_groups": 4, "scaling_factor": 0.5, "shift_factor": 0.1})
+    )
+    imported = latents.load_autoencoder(weights, sharding.make_mesh())
+    data = autoencoder_config().data
+    meta = latents.encode_split(imported, data, tmp_path / "latents", chunk_size=512)
+    assert (meta["scaling_factor"], meta["shift_factor"]) == (0.5, 0.1)
+    assert meta["autoencoder"] == {"weights": str(weights)}
+    x = input_pipeline.DigitsSource("train")[0]["image"][None].astype(np.float32) / 127.5 - 1
+    mean, _ = imported.model.apply(
+        {"params": imported.params}, jnp.asarray(x), method=imported.model.encode
+    )
+    source = latents.LatentSource(tmp_path / "latents", "train")
+    np.testing.assert_allclose(source[0]["mean"][0], mean[0], atol=1e-5)
