@@ -869,16 +869,16 @@ def make_model(config, num_classes: int | None = None):
     mcfg = config.model
     dtype = COMPUTE_DTYPES[config.training.compute_dtype]
     if mcfg.kind == "autoencoder":
-        attributes = mcfg.autoencoder.to_dict()
-        del attributes["kl_weight"]  # the loss's, not the network's
+        # kl_weight is the loss's, not the network's.
+        attributes = module_attributes(mcfg.autoencoder, exclude=("kl_weight",))
         channels = config.data.channels
-        attributes["block_out_channels"] = tuple(attributes["block_out_channels"])
         return AutoencoderKL(in_channels=channels, out_channels=channels, dtype=dtype, **attributes)
-    common = dict(dtype=dtype, remat=config.training.remat == "block")
+    attributes = module_attributes(mcfg[mcfg.name])
+    attributes.update(dtype=dtype, remat=config.training.remat == "block")
     if mcfg.kind == "classifier":
         if not num_classes or num_classes < 2:
             raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes!r}")
-        return NoisyClassifier(num_classes=num_classes, **network_attributes(config), **common)
+        return NoisyClassifier(num_classes=num_classes, **attributes)
     channels = config.data.channels
     if config.diffusion.var_type == "learned_range":
         channels *= 2
@@ -886,12 +886,12 @@ def make_model(config, num_classes: int | None = None):
         out_channels=channels,
         num_classes=num_classes if mcfg.class_conditional else None,
         null_label=mcfg.null_label,
-        **network_attributes(config),
-        **common,
+        **attributes,
     )
 
 
-def network_attributes(config) -> dict:
-    """The module attributes of the group ``model.<model.name>`` (sequences as tuples)."""
-    group = config.model[config.model.name].to_dict()
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
+def module_attributes(group, exclude=()) -> dict:
+    """A network's config group (e.g. ``model.unet``) as its module's attributes: every key
+    but ``exclude``, sequences as tuples."""
+    items = group.to_dict().items()
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in items if k not in exclude}
