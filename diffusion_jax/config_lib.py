@@ -8,6 +8,7 @@ range; errors name the key (``training.batch_size``) and what would be valid.
 from __future__ import annotations
 
 import json
+import time
 
 import jax.numpy as jnp
 import ml_collections
@@ -753,6 +754,20 @@ def check_resume(recorded, config, what: str) -> list[str]:
             + ". Use a new --workdir, or restore these values."
         )
     return [_change(k, values) for k, values in changes.items()]
+
+
+def record(workdir, config, recorded, step: int) -> None:
+    """Keeps every run's config: ``config.json`` is the first run's and is never overwritten; a
+    run that starts at ``step`` with another config than ``recorded`` (the config of what it
+    resumes) adds ``config_step<N>_<UTC time>.json``."""
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    text = config.to_json_best_effort(indent=2)
+    if not (workdir / "config.json").exists():
+        (workdir / "config.json").write_text(text)
+    elif differences(recorded, config):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        (workdir / f"config_step{step}_{stamp}.json").write_text(text)
 
 
 def differences(old, new) -> dict[str, tuple]:

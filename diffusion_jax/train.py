@@ -17,7 +17,6 @@ SIGINT (Ctrl-C) or preemption. Multi-host: the same program on every process, af
 from __future__ import annotations
 
 import math
-import time
 
 from absl import app, flags, logging
 from etils import epath
@@ -104,7 +103,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
             f" with changed {', '.join(changes)}" if changes else "",
         )
     if jax.process_index() == 0:
-        _record_config(workdir, config, recorded, latest or 0)
+        config_lib.record(workdir, config, recorded, latest or 0)
 
     step_fn = train_step.make_train_step(setup, mesh, shardings)
     num_preview = config.sampling.num_samples
@@ -192,21 +191,6 @@ def _recorded_config(workdir, checkpointer, latest: int | None):
             checkpointer.directory,
         )
     return None
-
-
-def _record_config(workdir, config, recorded, step: int):
-    """Keeps every run's config: ``config.json`` is the first run's and is never overwritten; a
-    run that starts at ``step`` with another config than ``recorded`` (the config of what it
-    resumes) adds ``config_step<N>_<UTC time>.json``."""
-    from diffusion_jax import config_lib
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    text = config.to_json_best_effort(indent=2)
-    if not (workdir / "config.json").exists():
-        (workdir / "config.json").write_text(text)
-    elif config_lib.differences(recorded, config):
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        (workdir / f"config_step{step}_{stamp}.json").write_text(text)
 
 
 def main(argv):

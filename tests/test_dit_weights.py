@@ -28,10 +28,11 @@ SIZE, P, C, D, DEPTH, HEADS, CLASSES = 8, 2, 4, 32, 2, 2, 10
 OUT = 2 * C
 
 
-def official_shapes(depth=DEPTH, d=D, classes=CLASSES) -> dict[str, tuple[int, ...]]:
+def official_shapes(depth=DEPTH, d=D, classes=CLASSES, channels=C) -> dict[str, tuple[int, ...]]:
     """The official state dict's keys and shapes (models.py: DiT with learn_sigma)."""
+    out = 2 * channels
     shapes = {
-        "x_embedder.proj.weight": (d, C, P, P),
+        "x_embedder.proj.weight": (d, channels, P, P),
         "x_embedder.proj.bias": (d,),
         "pos_embed": (1, (SIZE // P) ** 2, d),
         "t_embedder.mlp.0.weight": (d, 256),
@@ -39,8 +40,8 @@ def official_shapes(depth=DEPTH, d=D, classes=CLASSES) -> dict[str, tuple[int, .
         "t_embedder.mlp.2.weight": (d, d),
         "t_embedder.mlp.2.bias": (d,),
         "y_embedder.embedding_table.weight": (classes + 1, d),
-        "final_layer.linear.weight": (P * P * OUT, d),
-        "final_layer.linear.bias": (P * P * OUT,),
+        "final_layer.linear.weight": (P * P * out, d),
+        "final_layer.linear.bias": (P * P * out,),
         "final_layer.adaLN_modulation.1.weight": (2 * d, d),
         "final_layer.adaLN_modulation.1.bias": (2 * d,),
     }
