@@ -189,7 +189,8 @@ def get_config():
 
 def get_config_256(data_name: str):
     """DDPM's 256x256 recipe (Ho et al. 2020, Appendix B; CelebA-HQ and LSUN): ch_mult
-    (1,1,2,2,4,4), attention at 16x16, batch 64, dropout 0.0, lr 2e-5, EMA 0.9999."""
+    (1,1,2,2,4,4), attention at 16x16, batch 64, dropout 0.0, lr 2e-5, EMA 0.9999. On 8 devices
+    of 16 GiB, add ``training.grad_accum_steps=2`` with bfloat16 (docs/networks.md, memory)."""
     config = get_config()
     config.data.name = data_name
     config.data.image_size = 256
