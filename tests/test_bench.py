@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from diffusion_jax import config_defaults
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--ch",
@@ -307,3 +309,20 @@ def test_dit_vs_torch_prints_its_lines_or_skips():
         return
     assert len(lines["dit_vs_torch_round"]) == 2
     _assert_positive(last, ["jax_images_per_s", "torch_images_per_s", "jax_over_torch"])
+
+
+@pytest.mark.slow
+def test_compile_only_counts_every_micro_batch_and_holds_one_at_a_time():
+    """``--compile_only`` on a one-level digits U-Net (batch 64): two micro-batches are the
+    same FLOPs per image (XLA counts the scan's body once; the bench multiplies it back) and
+    need less memory than one batch of 64 (the scan holds one micro-batch's activations)."""
+    bench_train = _import_bench("train")
+    config = config_defaults.get_config_digits()
+    config.model.unet.update(ch=16, ch_mult=(1,), attn_resolutions=(), num_groups=16)
+    config.training.batch_size = 64
+    one = bench_train.compile_train_step(config, 10)
+    config.training.grad_accum_steps = 2
+    two = bench_train.compile_train_step(config, 10)
+    assert (one["grad_accum_steps"], two["grad_accum_steps"]) == (1, 2)
+    assert two["xla_gflop_per_image"] == pytest.approx(one["xla_gflop_per_image"], rel=0.02)
+    assert 0 < two["program_mib"] < 0.8 * one["program_mib"]
