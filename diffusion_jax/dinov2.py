@@ -64,8 +64,9 @@ INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYER_NORM_EPS = 1e-6
-# Heads of the released sizes by width (ViT-S/14, B/14, L/14); no shape shows them.
-HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16}
+# No shape shows the number of heads: every released DINOv2 (ViT-S/B/L/g, widths 384, 768,
+# 1024, 1536 with 6, 12, 16, 24 heads) has heads of 64 channels.
+HEAD_DIM = 64
 
 
 class Dinov2WeightsError(CheckpointError):
@@ -89,7 +90,7 @@ class Dinov2Config:
 
 VIT_L14 = Dinov2Config()
 # For tests: 224 x 224 inputs give a 16 x 16 grid, resampled from the 4 x 4 table.
-TINY = Dinov2Config(hidden_size=32, depth=2, num_heads=2, mlp_dim=64, pos_grid=4)
+TINY = Dinov2Config(hidden_size=64, depth=2, num_heads=1, mlp_dim=128, pos_grid=4)
 
 
 # --- Resampling matrices (one axis; NumPy, at trace time). ---
@@ -336,8 +337,8 @@ def _format(state: Mapping) -> str:
 
 
 def _config(state: Mapping, num_heads: int | None) -> Dinov2Config:
-    """The sizes of an official-named state dict, from its shapes (heads: ``num_heads`` or the
-    released model's of that width)."""
+    """The sizes of an official-named state dict, from its shapes (heads: ``num_heads`` or
+    ``width / HEAD_DIM``)."""
 
     def shape(key, ndim):
         if key not in state:
@@ -354,12 +355,12 @@ def _config(state: Mapping, num_heads: int | None) -> Dinov2Config:
         raise Dinov2WeightsError(f"'pos_embed': {positions} patch positions is not a square grid")
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     if num_heads is None:
-        if d not in HEADS_BY_WIDTH:
+        if d % HEAD_DIM:
             raise Dinov2WeightsError(
-                f"width {d} is none of the released DINOv2 sizes ({sorted(HEADS_BY_WIDTH)}): "
-                "pass num_heads (the shapes do not show it)"
+                f"width {d} is not a multiple of {HEAD_DIM} as in the released DINOv2s: pass "
+                "num_heads (the shapes do not show it)"
             )
-        num_heads = HEADS_BY_WIDTH[d]
+        num_heads = d // HEAD_DIM
     if d % num_heads:
         raise Dinov2WeightsError(f"num_heads={num_heads} does not divide the width {d}")
     return Dinov2Config(
@@ -399,7 +400,7 @@ def params_from_state_dict(
 ) -> tuple[dict, Dinov2Config]:
     """``(params, config)`` for ``features`` from an official or a transformers DINOv2 state
     dict (NumPy arrays or torch tensors). The sizes come from the shapes, the heads from
-    ``num_heads`` or the width (``HEADS_BY_WIDTH``). Params are float32 NumPy arrays.
+    ``num_heads`` or the width (``HEAD_DIM`` channels each). Params are float32 NumPy arrays.
 
     Raises:
       Dinov2WeightsError: a key is missing or unexpected, or a shape is wrong (named).
