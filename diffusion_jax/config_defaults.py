@@ -183,6 +183,9 @@ def get_config():
     ev.reference_split = "train"  # FID/KID/precision/recall against this split of data.name
     ev.reference_dir = ""  # cache of reference statistics; "" = ~/.cache/diffusion_jax/reference
     ev.inception_weights = ""  # pt_inception-2015-12-05-6726825d.pth or its converted .npz
+    # FD-DINOv2 beside FID in mode=fid: dinov2_vitl14_pretrain.pth or the model.safetensors of
+    # facebook/dinov2-large (docs/evaluation.md); "" = off.
+    ev.dinov2_weights = ""
     ev.precision_recall_samples = 10_000  # per set; the k-NN radii cost grows as its square
     return config
 

@@ -30,6 +30,14 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
+def float32_array(value) -> np.ndarray:
+    """A state-dict entry (NumPy array, or torch tensor of any float dtype: bfloat16 has no
+    NumPy dtype, so tensors go through torch's float32) as a float32 NumPy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, np.float32)
+
+
 def read(
     path, *, missing: str, torch_hint: str, where_to_get: str = "", torch_safe_globals=()
 ) -> Mapping:

@@ -36,7 +36,7 @@ from diffusion_jax import (
     schedules,
     sharding,
 )
-from diffusion_jax.evaluators import bpd, common, figures
+from diffusion_jax.evaluators import bpd, common, fid, figures
 from tests.closed_form import class_conditional_eps_fn, expected_bound_bpd, gaussian_eps_fn
 from tests.test_train import _config
 
@@ -523,6 +523,60 @@ def test_fid_mode_precision_is_of_the_samples_and_recall_of_the_data(
     )
     assert result["recall"] == pytest.approx(recall, abs=3 / len(images))  # 3 borderline images
     assert len(zeros) / len(images) <= result["recall"] < 0.2
+
+
+def _frechet_by_definition(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets, float64."""
+    import scipy.linalg
+
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(ca @ cb).real
+    return float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * root))
+
+
+def test_fid_mode_reports_fd_dinov2_of_the_features(trained_workdir, classifier_dir, tmp_path):
+    """``eval.dinov2_weights``: FD-DINOv2 beside FID, with a tiny random DINOv2 saved with the
+    official key names (the real weights cannot be downloaded here). It equals the Fréchet
+    distance of the features computed directly (all images in one call, grey copied to RGB),
+    against the test split, through batches of 40 (the last padded); the reference features
+    are cached under their own name beside the classifier's."""
+    from safetensors.numpy import save_file
+
+    from diffusion_jax import dinov2
+
+    weights = tmp_path / "dinov2_tiny.safetensors"
+    save_file(dinov2.random_state_dict(dinov2.TINY, seed=0), weights)
+    samples = digits_classifier.split_arrays("train")[0][:100]
+    samples_dir = tmp_path / "samples"
+    samples_dir.mkdir()
+    np.savez(samples_dir / "shard_000000.npz", images=samples)
+    reference_dir = _reference_dir(classifier_dir, tmp_path / "reference")
+    overrides = {
+        "eval.sample_dir": str(samples_dir),
+        "eval.num_samples": len(samples),
+        "eval.batch_size": 40,
+        "eval.reference_split": "test",
+        "eval.reference_dir": str(reference_dir),
+        "eval.dinov2_weights": str(weights),
+    }
+    result = evaluators.evaluate(
+        _copy(trained_workdir, tmp_path, "fid"), "fid", overrides=overrides
+    )
+
+    params, config = dinov2.load_params(weights)
+    reference = digits_classifier.split_arrays("test")[0]
+    rgb = lambda images: np.repeat(images, 3, axis=-1)
+    f_samples = np.asarray(dinov2.features(params, rgb(samples), config), np.float64)
+    f_reference = np.asarray(dinov2.features(params, rgb(reference), config), np.float64)
+    direct = _frechet_by_definition(f_samples, f_reference)
+    assert direct > 0.01  # the samples (train images) are not the test split
+    assert result["fd_dinov2"] == pytest.approx(direct, rel=1e-3)
+    name = result["fd_dinov2_network"]
+    cached = reference_dir / f"digits-test-8x8x1-{name}.npz"
+    np.testing.assert_allclose(np.load(cached)["features"], f_reference, rtol=1e-4, atol=1e-5)
+    classifier = f"digits-test-8x8x1-{result['feature_network']}.npz"
+    assert name.startswith("dinov2-") and (reference_dir / classifier).exists()
+    assert "FD-DINOv2" in fid.summary(result)
 
 
 def test_rate_distortion_from_hand_made_terms():

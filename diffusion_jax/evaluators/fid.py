@@ -9,17 +9,21 @@ through the same feature network, sharded over every device of every process:
   - the embedded digits: the project's digits classifier (``digits_classifier``), trained
     deterministically on the train split in seconds, so quality is measurable on any CPU; its
     features and logits take the place of Inception's, and the result also holds the
-    classifier's test accuracy and the value real held-out digits get.
+    classifier's test accuracy and the value real held-out digits get;
+  - with ``eval.dinov2_weights``, besides: DINOv2 ViT-L/14 (``dinov2``), whose CLS features
+    give FD-DINOv2 (``fd_dinov2``), the Fréchet distance EDM2 reports beside FID.
 
 Feature statistics accumulate in float64 per process and are merged across processes. The
 reference features are computed once and cached in ``eval.reference_dir`` under a name made of
 the data set (``input_pipeline.data_set_id``: a folder's names its path and files), split, image
-shape and feature network.
+shape and feature network; DINOv2's name holds a digest of its weights (any DINOv2 file can be
+given), so features of other weights are never reused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,7 +44,8 @@ WEIGHTS_URL = (
 
 @dataclasses.dataclass(frozen=True)
 class FeatureNetwork:
-    """``fn(params, images uint8 [B, H, W, C]) -> (features [B, D], logits [B, K])``."""
+    """``fn(params, images uint8 [B, H, W, C]) -> {"features": [B, D], "logits": [B, K]}``;
+    ``logits`` only for a classifier (the Inception Score, the digits' label agreement)."""
 
     name: str
     fn: Callable
@@ -54,8 +59,7 @@ def feature_network(ctx: common.Context) -> FeatureNetwork:
         from diffusion_jax import digits_classifier
 
         def digits_fn(params, images):
-            out = digits_classifier.features(params, images)
-            return out["features"], out["logits"]
+            return digits_classifier.features(params, images)
 
         params = digits_classifier.load_or_train(cache_dir=reference_dir(ctx))
         name = f"digits-classifier-{digits_classifier.recipe_key()}"
@@ -74,10 +78,35 @@ def feature_network(ctx: common.Context) -> FeatureNetwork:
 
     def inception_fn(params, images):
         out = inception.features(params, images)
-        return out["pool3"], out["logits"]
+        return {"features": out["pool3"], "logits": out["logits"]}
 
     params = inception.load_params(cfg.eval.inception_weights)
     return FeatureNetwork("inception-2015-12-05", inception_fn, params)
+
+
+def dinov2_network(ctx: common.Context) -> FeatureNetwork | None:
+    """DINOv2 from ``eval.dinov2_weights`` (its CLS features, for FD-DINOv2); None when the key
+    is empty."""
+    path = ctx.config.eval.dinov2_weights
+    if not path:
+        return None
+    from diffusion_jax import dinov2
+
+    params, config = dinov2.load_params(path)
+
+    def dinov2_fn(params, images):
+        return {"features": dinov2.features(params, images, config)}
+
+    return FeatureNetwork(f"dinov2-{_digest(params, config)}", dinov2_fn, params)
+
+
+def _digest(params, config) -> str:
+    """16 hex digits of SHA-256 over the network's sizes and weights (float32 bytes)."""
+    h = hashlib.sha256(repr(config).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(leaf, np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def reference_dir(ctx: common.Context) -> epath.Path:
@@ -91,31 +120,30 @@ def _local_rows(ctx: common.Context, batch: np.ndarray) -> np.ndarray:
 
 
 def compute_features(ctx: common.Context, net: FeatureNetwork, batches: Iterator[dict]):
-    """Features of host-local uint8 batches ``{"image": [L, ...], "mask": [L]}``.
+    """The network's outputs on host-local uint8 batches ``{"image": [L, ...], "mask": [L]}``.
 
-    Returns ``(features [N, D], logits [N, K], stats)`` with the rows of all processes whose
-    mask is set, in global order, on every process; ``stats`` (float64 ``FeatureStats``) were
-    accumulated by each process over its own rows and merged across processes.
+    Returns ``(outputs, stats)``: ``outputs`` holds each of ``net.fn``'s outputs
+    (``"features"`` [N, D], ``"logits"`` [N, K] where given) with the rows of all processes
+    whose mask is set, in global order, on every process; ``stats`` (float64 ``FeatureStats``
+    of the features) were accumulated by each process over its own rows and merged across
+    processes.
     """
     batch_sharding = sharding.batch_sharding(ctx.mesh)
     replicated = sharding.replicated(ctx.mesh)
     params = jax.device_put(net.params, replicated)
     fn = jax.jit(net.fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
-    features, logits, stats = [], [], None
+    outputs, stats = {}, None
     for batch in batches:
         global_images = sharding.global_batch(ctx.mesh, batch["image"])
-        feats, logs = generate.to_host(fn(params, global_images))
+        out = generate.to_host(fn(params, global_images))
         mask = generate.to_host(sharding.global_batch(ctx.mesh, batch["mask"]))
+        feats = out["features"]
         own = _local_rows(ctx, feats)[_local_rows(ctx, mask)]
         stats = metrics.FeatureStats.zeros(feats.shape[1]) if stats is None else stats
         stats = stats.update(own)
-        features.append(feats[mask])
-        logits.append(logs[mask])
-    return (
-        np.concatenate(features),
-        np.concatenate(logits),
-        metrics.allgather_stats(stats),
-    )
+        for name, value in out.items():
+            outputs.setdefault(name, []).append(value[mask])
+    return {k: np.concatenate(v) for k, v in outputs.items()}, metrics.allgather_stats(stats)
 
 
 def _array_batches(ctx: common.Context, images: np.ndarray) -> Iterator[dict]:
@@ -149,10 +177,10 @@ def reference_features(ctx: common.Context, net: FeatureNetwork, split: str):
         logging.info("Reference features of %s/%s from %s", data.name, split, path)
         return features, metrics.FeatureStats.zeros(features.shape[1]).update(features)
     logging.info("Computing reference features of %s/%s (cached in %s)", data.name, split, path)
-    features, _, stats = compute_features(ctx, net, _split_batches(ctx, split))
+    outputs, stats = compute_features(ctx, net, _split_batches(ctx, split))
     if ctx.is_main:
-        common.write_atomically(path, common.npz_bytes(features=features))
-    return features, stats
+        common.write_atomically(path, common.npz_bytes(features=outputs["features"]))
+    return outputs["features"], stats
 
 
 def _frechet(stats_a, stats_b) -> float:
@@ -184,9 +212,11 @@ def run(ctx: common.Context) -> dict:
             cfg.eval.num_samples,
         )
     net = feature_network(ctx)
+    dinov2_net = dinov2_network(ctx)
     ref_split = cfg.eval.reference_split
     ref_features, ref_stats = reference_features(ctx, net, ref_split)
-    features, logits, stats = compute_features(ctx, net, _array_batches(ctx, images))
+    outputs, stats = compute_features(ctx, net, _array_batches(ctx, images))
+    features, logits = outputs["features"], outputs["logits"]
     pr_size = cfg.eval.precision_recall_samples
     precision, recall = metrics.precision_recall(
         _subset(ref_features, pr_size, cfg.eval.seed), _subset(features, pr_size, cfg.eval.seed)
@@ -207,6 +237,11 @@ def run(ctx: common.Context) -> dict:
         "feature_network": net.name,
         "reference": {"split": ref_split, "num_examples": len(ref_features)},
     }
+    if dinov2_net is not None:
+        _, dinov2_ref_stats = reference_features(ctx, dinov2_net, ref_split)
+        _, dinov2_stats = compute_features(ctx, dinov2_net, _array_batches(ctx, images))
+        result["fd_dinov2"] = _frechet(dinov2_stats, dinov2_ref_stats)
+        result["fd_dinov2_network"] = dinov2_net.name
     if cfg.data.name == "digits":
         result.update(_digits_baselines(ctx, net, ref_stats, features))
         if labels is not None:
@@ -232,8 +267,8 @@ def _digits_baselines(ctx, net, ref_stats, sample_features) -> dict:
     the test split has (the distance is biased upwards at small N)."""
     from diffusion_jax import digits_classifier
 
-    test_features, _, test_stats = compute_features(ctx, net, _split_batches(ctx, "test"))
-    n = len(test_features)
+    test_outputs, test_stats = compute_features(ctx, net, _split_batches(ctx, "test"))
+    n = len(test_outputs["features"])
     same_n = metrics.FeatureStats.zeros(sample_features.shape[1]).update(sample_features[:n])
     return {
         "classifier_test_accuracy": digits_classifier.accuracy(net.params, "test"),
@@ -249,6 +284,8 @@ def summary(result: dict) -> str:
         f"{result['kid']:.5f}, precision {result['precision']:.3f}, recall "
         f"{result['recall']:.3f} ({result['num_samples']} samples, {result['feature_network']})"
     )
+    if "fd_dinov2" in result:
+        text += f", FD-DINOv2 {result['fd_dinov2']:.3f}"
     if "label_agreement" in result:
         text += f", label agreement {result['label_agreement']:.3f}"
     if "fid_real_test" in result:

@@ -206,15 +206,18 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1: Dense(D, hidden_features), GELU (tanh approximation), fc2: Dense(hidden_features, D)."""
+    """fc1: Dense(D, hidden_features), GELU, fc2: Dense(hidden_features, D). The DiT's GELU is
+    the tanh approximation (timm's ``GELU(approximate="tanh")``); ``approximate_gelu=False``
+    gives the exact erf form (``torch.nn.GELU()``, e.g. DINOv2's)."""
 
     hidden_features: int
     dtype: Dtype = jnp.float32
+    approximate_gelu: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = _dense(self.hidden_features, self.dtype, "fc1")(x)
-        h = nn.gelu(h, approximate=True)
+        h = nn.gelu(h, approximate=self.approximate_gelu)
         return _dense(x.shape[-1], self.dtype, "fc2")(h)
 
 
