@@ -171,14 +171,15 @@ def test_evaluations_trace_once_and_equal_the_loops_from_restored_checkpoints(
     model, _, param_sharding = pretrained.restore_ema(config, uninterrupted, 1, mesh)
     chex.clear_trace_counter()
     jit = jax.jit
+    restored = [pretrained.restore_ema(config, uninterrupted, s, mesh)[1] for s in (1, 2)]
+    reporter = reporting.Reporter(tmp_path, total_steps=_STEPS, batch_size=16, active=False)
     with pytest.MonkeyPatch.context() as patch:
+        # Also while evaluating: a function jitted anew for each step would trace again.
         patch.setattr(jax, "jit", lambda fn, **kw: jit(chex.assert_max_traces(fn, n=1), **kw))
         evaluations = train_eval.build(config, tmp_path, mesh, model, param_sharding)
-    reporter = reporting.Reporter(tmp_path, total_steps=_STEPS, batch_size=16, active=False)
-    for step in range(1, _STEPS + 1):
-        _, params, _ = pretrained.restore_ema(config, uninterrupted, step, mesh)
-        evaluations.run(step, params, reporter)
-        assert evaluations.due(step) == []
+        for step, params in enumerate(restored, 1):
+            evaluations.run(step, params, reporter)
+            assert evaluations.due(step) == []
     assert _numbers(_log(tmp_path)) == _numbers(_log(uninterrupted))
 
 
