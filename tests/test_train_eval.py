@@ -194,11 +194,13 @@ def test_program_killed_while_evaluating_resumes_to_the_uninterrupted_log(
     restarted program evaluates that step from the restored checkpoint and its log equals an
     uninterrupted program's (both subprocesses: the program's XLA flags are not this
     process's)."""
-    overrides = {**_TINY, **_EVAL, "eval.reference_dir": str(reference_dir)}
+    overrides = {**_TINY, **_EVAL}
+    # A string flag is taken as it is written (repr's quotes would be part of the path).
+    reference = f"--config.eval.reference_dir={reference_dir}"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run(straight, tmp_path / "straight.log", cache_dir, overrides=overrides)
+    _run(straight, tmp_path / "straight.log", cache_dir, reference, overrides=overrides)
     log = tmp_path / "killed.log"
-    process = _start(resumed, log, cache_dir, overrides=overrides)
+    process = _start(resumed, log, cache_dir, reference, overrides=overrides)
     last = resumed / "checkpoints" / str(_STEPS)
     try:
         _wait_for(last.is_dir, process, log, f"checkpoint {_STEPS}")
@@ -207,7 +209,7 @@ def test_program_killed_while_evaluating_resumes_to_the_uninterrupted_log(
         process.wait()
     lines = [(r["step"], r["mode"]) for r in _log(resumed)]
     assert lines in (_LINES[:2], _LINES[:3]), lines  # killed inside step 2's evaluation
-    _run(resumed, tmp_path / "resumed.log", cache_dir, overrides=overrides)
+    _run(resumed, tmp_path / "resumed.log", cache_dir, reference, overrides=overrides)
     assert f"Resumed from step {_STEPS}" in (tmp_path / "resumed.log").read_text()
     assert _numbers(_log(resumed)) == _numbers(_log(straight))
 
