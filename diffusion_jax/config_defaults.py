@@ -141,6 +141,14 @@ def get_config():
     training.checkpoint_every = 5000
     training.keep_checkpoints = 3
     training.sample_every = 20_000  # 0 disables sample grids
+    # Evaluation during training: every eval_every steps (0: never) the step is checkpointed
+    # and the modes of eval_modes ("fid", "bpd"; a classifier's "accuracy") score its EMA
+    # parameters as the evaluation program would, with the `eval` group's settings but these
+    # sizes; each adds a line to eval/during_training.jsonl and TensorBoard scalars eval/<mode>/*.
+    training.eval_every = 0
+    training.eval_modes = ("fid",)
+    training.eval_num_samples = 1000  # fid: samples per evaluation, generated in memory
+    training.eval_num_examples = 1000  # bpd, accuracy: the first ones of eval.split; 0 = all
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 64

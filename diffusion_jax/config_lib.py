@@ -163,6 +163,7 @@ def validate(
         "training.checkpoint_every",
         "training.keep_checkpoints",
         "sampling.num_samples",
+        "training.eval_num_samples",
         "eval.num_samples",
         "eval.batch_size",
         "eval.precision_recall_samples",
@@ -173,6 +174,8 @@ def validate(
         _at_least(config, path, 1)
     for path in (
         "training.sample_every",
+        "training.eval_every",
+        "training.eval_num_examples",
         "sampling.num_steps",
         "optim.warmup_steps",
         "data.num_workers",
@@ -709,6 +712,10 @@ RESUME_SAFE_KEYS = (
     "training.checkpoint_every",
     "training.keep_checkpoints",
     "training.sample_every",
+    "training.eval_every",
+    "training.eval_modes",
+    "training.eval_num_samples",
+    "training.eval_num_examples",
     "training.grad_accum_steps",
     "training.fsdp",
     "training.remat",

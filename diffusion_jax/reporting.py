@@ -173,6 +173,19 @@ class Reporter:
         logging.info("step %d | wrote %s", step, path)
         return path
 
+    def log_eval(self, step: int, mode: str, result: dict, seconds: float, summary: str):
+        """Logs an evaluation of ``step`` during training: its one-line ``summary``, and its
+        numbers (those of ``result`` that are ints or floats, and the ``seconds`` it took) as
+        TensorBoard scalars ``eval/<mode>/<key>``."""
+        if not self.active:
+            return
+        logging.info("step %d | eval %s (%.1f s): %s", step, mode, seconds, summary)
+        scalars = dict(result, seconds=seconds)
+        for name, value in scalars.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(f"eval/{mode}/{name}", value, step)
+        self._writer.flush()
+
     def close(self):
         if self._writer is not None:
             self._writer.close()

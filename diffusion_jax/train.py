@@ -8,7 +8,8 @@ sample grids; its log shows accuracy.
 
 The loop: validate config -> data -> mesh -> state (restored from ``workdir`` when a checkpoint
 exists, if the config changed only in keys that are safe to change) -> jitted sharded train
-step -> progress/TensorBoard/sample grids -> async checkpoints, and a final save on SIGTERM,
+step -> progress/TensorBoard/sample grids -> async checkpoints -> evaluations every
+``training.eval_every`` steps (``train_eval``), and a final save on SIGTERM,
 SIGINT (Ctrl-C) or preemption. Multi-host: the same program on every process, after
 ``jax.distributed.initialize`` (see ``launch/``). ``DIR`` may be any ``etils.epath`` path, e.g.
 ``gs://bucket/run``.
@@ -62,10 +63,12 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         pretrained,
         reporting,
         sharding,
+        train_eval,
         train_step,
     )
 
     config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    train_eval.check_config(config)
     workdir = epath.Path(workdir)
     tcfg = config.training
     image_shape, num_classes = input_pipeline.dataset_spec(config.data)
@@ -119,6 +122,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
             latents.load_decoder(config, mesh),
         )
         preview_labels = generate.sample_labels(config, num_classes, np.arange(num_preview))
+    evaluations = train_eval.build(config, workdir, mesh, setup.model, shardings.ema_params)
     reporter = reporting.Reporter(
         workdir,
         total_steps=tcfg.num_steps,
@@ -127,6 +131,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     )
     stop = checkpointing.StopSignal() if jax.process_count() == 1 else None
     step = int(jax.device_get(state.step))
+    train_eval.resume(evaluations, step, state.ema_params, reporter)
     reporter.start(step)
     pending: list = []  # device metrics of the steps since the last check
     last_logged: dict[str, float] = {}
@@ -153,16 +158,27 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
                 images = generate.to_host(images)[:num_preview]
                 reporter.save_samples(step, images, preview_labels)
             stopping = (stop is not None and stop.received) or checkpointer.reached_preemption(step)
-            if stopping or step % tcfg.checkpoint_every == 0 or step == tcfg.num_steps:
+            evaluating = evaluations is not None and bool(evaluations.due(step))
+            if (
+                stopping
+                or evaluating
+                or step % tcfg.checkpoint_every == 0
+                or step == tcfg.num_steps
+            ):
                 drain()
                 checkpointer.save(step, state, data_iterator, config, force=stopping)
-            if stopping:
+            if stopping:  # an evaluation of this step is left to the resumed run
                 logging.info(
                     "Stop requested (%s): saved step %d, exiting.",
                     stop.received if stop else "preemption",
                     step,
                 )
                 break
+            if evaluating:
+                # A complete checkpoint first: a run killed while evaluating resumes here.
+                checkpointer.wait()
+                evaluations.run(step, state.ema_params, reporter)
+                reporter.start(step)  # steps/s of the training alone
     finally:
         checkpointer.wait()
         checkpointer.close()

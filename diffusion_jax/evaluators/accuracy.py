@@ -16,6 +16,9 @@ the batch size or on the number of devices and processes; the last batch is padd
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,10 +63,19 @@ def make_score_fn(ctx: common.Context):
 
 
 def run(ctx: common.Context) -> dict:
+    return make_evaluate(ctx)(ctx)
+
+
+def make_evaluate(ctx: common.Context) -> Callable[[common.Context], dict]:
+    """``evaluate(ctx) -> dict``: ``run`` on a context of the same run (its model, mesh and
+    settings; any step and parameters), from one compiled program (``make_score_fn``)."""
+    return functools.partial(_evaluate, score_fn=make_score_fn(ctx))
+
+
+def _evaluate(ctx: common.Context, score_fn) -> dict:
     cfg = ctx.config
     split, batch_size = cfg.eval.split, cfg.eval.batch_size
     num_examples = common.num_examples(cfg)
-    score_fn = make_score_fn(ctx)
     progress = common.Progress(f"accuracy on {split}", num_examples, "images")
     per_example = {
         # DDPM's timesteps are int32, the continuous objectives' noise levels float32.

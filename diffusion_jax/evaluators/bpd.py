@@ -18,7 +18,9 @@ finished run leaves ``eval/bpd_step<N>.npz`` with every example's ``total_bpd``.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -130,6 +132,16 @@ def _save(path, sums: dict, settings: dict) -> None:
 
 
 def run(ctx: common.Context) -> dict:
+    return make_evaluate(ctx)(ctx)
+
+
+def make_evaluate(ctx: common.Context) -> Callable[[common.Context], dict]:
+    """``evaluate(ctx) -> dict``: ``run`` on a context of the same run (its model, mesh and
+    settings; any step and parameters), from one compiled program (``make_bound_fn``)."""
+    return functools.partial(_evaluate, bound_fn=make_bound_fn(ctx))
+
+
+def _evaluate(ctx: common.Context, bound_fn) -> dict:
     cfg = ctx.config
     split, batch_size = cfg.eval.split, cfg.eval.batch_size
     num_examples = common.num_examples(cfg)
@@ -141,7 +153,6 @@ def run(ctx: common.Context) -> dict:
     sums = _load_partial(partial_path, settings, num_examples, num_terms)
     start = int(sums["batches_done"])
 
-    bound_fn = make_bound_fn(ctx)
     progress = common.Progress(f"bpd on {split}", num_examples, "images", int(sums["count"]))
     batches = input_pipeline.eval_batches(
         cfg.data,

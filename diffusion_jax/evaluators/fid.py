@@ -64,16 +64,7 @@ def feature_network(ctx: common.Context) -> FeatureNetwork:
         params = digits_classifier.load_or_train(cache_dir=reference_dir(ctx))
         name = f"digits-classifier-{digits_classifier.recipe_key()}"
         return FeatureNetwork(name, digits_fn, params)
-    if cfg.data.channels != 3:
-        raise config_lib.ConfigError(
-            f"mode=fid scores RGB images with Inception-v3; data.channels is {cfg.data.channels}"
-        )
-    if not cfg.eval.inception_weights:
-        raise config_lib.ConfigError(
-            "Config key 'eval.inception_weights' is empty: mode=fid needs the FID Inception "
-            f"weights, e.g. {WEIGHTS_URL} (or an .npz made from it by "
-            "`python -m diffusion_jax.inception convert IN.pth OUT.npz`)"
-        )
+    check_feature_network(cfg)
     from diffusion_jax import inception
 
     def inception_fn(params, images):
@@ -109,6 +100,23 @@ def _digest(params, config) -> str:
     return h.hexdigest()[:16]
 
 
+def check_feature_network(config) -> None:
+    """Raises ``ConfigError`` (one line) when ``config``'s images have no feature network:
+    RGB images other than the digits need ``eval.inception_weights``."""
+    if config.data.name == "digits":
+        return
+    if config.data.channels != 3:
+        raise config_lib.ConfigError(
+            f"mode=fid scores RGB images with Inception-v3; data.channels is {config.data.channels}"
+        )
+    if not config.eval.inception_weights:
+        raise config_lib.ConfigError(
+            "Config key 'eval.inception_weights' is empty: mode=fid needs the FID Inception "
+            f"weights, e.g. {WEIGHTS_URL} (or an .npz made from it by "
+            "`python -m diffusion_jax.inception convert IN.pth OUT.npz`)"
+        )
+
+
 def reference_dir(ctx: common.Context) -> epath.Path:
     return epath.Path(ctx.config.eval.reference_dir or DEFAULT_REFERENCE_DIR).expanduser()
 
@@ -119,23 +127,30 @@ def _local_rows(ctx: common.Context, batch: np.ndarray) -> np.ndarray:
     return batch[jax.process_index() * rows : (jax.process_index() + 1) * rows]
 
 
-def compute_features(ctx: common.Context, net: FeatureNetwork, batches: Iterator[dict]):
-    """The network's outputs on host-local uint8 batches ``{"image": [L, ...], "mask": [L]}``.
+def features_fn(ctx: common.Context, net: FeatureNetwork) -> Callable:
+    """``fn(images) -> net.fn's outputs`` of global uint8 batches sharded over ``ctx.mesh``,
+    ``net``'s parameters replicated: one compiled program for every batch of the same size."""
+    replicated = sharding.replicated(ctx.mesh)
+    batch_sharding = sharding.batch_sharding(ctx.mesh)
+    params = jax.device_put(net.params, replicated)
+    fn = jax.jit(net.fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
+    return lambda images: fn(params, images)
 
-    Returns ``(outputs, stats)``: ``outputs`` holds each of ``net.fn``'s outputs
+
+def compute_features(ctx: common.Context, fn: Callable, batches: Iterator[dict]):
+    """A feature network's outputs on host-local uint8 batches ``{"image": [L, ...], "mask":
+    [L]}`` by ``fn`` (``features_fn``).
+
+    Returns ``(outputs, stats)``: ``outputs`` holds each of the network's outputs
     (``"features"`` [N, D], ``"logits"`` [N, K] where given) with the rows of all processes
     whose mask is set, in global order, on every process; ``stats`` (float64 ``FeatureStats``
     of the features) were accumulated by each process over its own rows and merged across
     processes.
     """
-    batch_sharding = sharding.batch_sharding(ctx.mesh)
-    replicated = sharding.replicated(ctx.mesh)
-    params = jax.device_put(net.params, replicated)
-    fn = jax.jit(net.fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
     outputs, stats = {}, None
     for batch in batches:
         global_images = sharding.global_batch(ctx.mesh, batch["image"])
-        out = generate.to_host(fn(params, global_images))
+        out = generate.to_host(fn(global_images))
         mask = generate.to_host(sharding.global_batch(ctx.mesh, batch["mask"]))
         feats = out["features"]
         own = _local_rows(ctx, feats)[_local_rows(ctx, mask)]
@@ -165,8 +180,10 @@ def _split_batches(ctx: common.Context, split: str) -> Iterator[dict]:
         yield {"image": generate.to_uint8(batch["image"]), "mask": batch["mask"]}
 
 
-def reference_features(ctx: common.Context, net: FeatureNetwork, split: str):
-    """``(features, stats)`` of a data split, from the cache or computed and cached."""
+def reference_features(ctx: common.Context, net: FeatureNetwork, fn: Callable, split: str):
+    """``(features, stats)`` of a data split by ``net`` (compiled as ``fn``), from the cache
+    or computed and cached; ``stats`` are those of ``features`` either way (summed in one
+    order: the reference's numbers are the same bit for bit, cached or not)."""
     data = ctx.config.data
     name = "-".join(
         [input_pipeline.data_set_id(data), split, "x".join(map(str, ctx.image_shape)), net.name]
@@ -175,12 +192,12 @@ def reference_features(ctx: common.Context, net: FeatureNetwork, split: str):
     if path.exists():
         features = common.read_npz(path)["features"]
         logging.info("Reference features of %s/%s from %s", data.name, split, path)
-        return features, metrics.FeatureStats.zeros(features.shape[1]).update(features)
-    logging.info("Computing reference features of %s/%s (cached in %s)", data.name, split, path)
-    outputs, stats = compute_features(ctx, net, _split_batches(ctx, split))
-    if ctx.is_main:
-        common.write_atomically(path, common.npz_bytes(features=outputs["features"]))
-    return outputs["features"], stats
+    else:
+        logging.info("Computing reference features of %s/%s (in %s)", data.name, split, path)
+        features = compute_features(ctx, fn, _split_batches(ctx, split))[0]["features"]
+        if ctx.is_main:
+            common.write_atomically(path, common.npz_bytes(features=features))
+    return features, metrics.FeatureStats.zeros(features.shape[1]).update(features)
 
 
 def _frechet(stats_a, stats_b) -> float:
@@ -191,6 +208,61 @@ def _subset(features: np.ndarray, size: int, seed: int) -> np.ndarray:
     if len(features) <= size:
         return features
     return features[np.random.default_rng(seed).choice(len(features), size, replace=False)]
+
+
+def make_scorer(ctx: common.Context) -> Callable[[np.ndarray, np.ndarray | None], dict]:
+    """``score(images, labels) -> dict``: the numbers of mode=fid for samples, uint8 ``[N, H,
+    W, C]`` with their int32 class labels ``[N]`` (None without), against
+    ``eval.reference_split``. The feature network, its compiled program and the reference's
+    features (for the digits also the test split's) are made here, once."""
+    cfg = ctx.config
+    net = feature_network(ctx)
+    fn = features_fn(ctx, net)
+    ref_split = cfg.eval.reference_split
+    ref_features, ref_stats = reference_features(ctx, net, fn, ref_split)
+    real_test = _digits_real_test(ctx, net, fn, ref_stats) if cfg.data.name == "digits" else None
+    dinov2_net = dinov2_network(ctx)
+    if dinov2_net is not None:
+        dinov2_fn = features_fn(ctx, dinov2_net)
+        dinov2_ref_stats = reference_features(ctx, dinov2_net, dinov2_fn, ref_split)[1]
+
+    def score(images: np.ndarray, labels: np.ndarray | None) -> dict:
+        outputs, stats = compute_features(ctx, fn, _array_batches(ctx, images))
+        features, logits = outputs["features"], outputs["logits"]
+        pr_size = cfg.eval.precision_recall_samples
+        precision, recall = metrics.precision_recall(
+            _subset(ref_features, pr_size, cfg.eval.seed),
+            _subset(features, pr_size, cfg.eval.seed),
+        )
+        # The standard 10 splits (Salimans et al. 2016); fewer for fewer than 10 samples.
+        is_mean, is_std = metrics.inception_score(logits, num_splits=min(10, len(logits)))
+        kid_mean, kid_std = metrics.kernel_inception_distance(features, ref_features)
+        result = {
+            "fid": _frechet(stats, ref_stats),
+            "inception_score": is_mean,
+            "inception_score_std": is_std,
+            "kid": kid_mean,
+            "kid_std": kid_std,
+            "precision": precision,
+            "recall": recall,
+            "num_samples": len(images),
+            "feature_network": net.name,
+            "reference": {"split": ref_split, "num_examples": len(ref_features)},
+        }
+        if dinov2_net is not None:
+            dinov2_stats = compute_features(ctx, dinov2_fn, _array_batches(ctx, images))[1]
+            result["fd_dinov2"] = _frechet(dinov2_stats, dinov2_ref_stats)
+            result["fd_dinov2_network"] = dinov2_net.name
+        if real_test is not None:
+            # The distance is biased upwards at small N: the samples' at the test split's N.
+            n = real_test["num_real_test"]
+            same_n = metrics.FeatureStats.zeros(features.shape[1]).update(features[:n])
+            result.update(real_test, fid_samples_at_real_test_n=_frechet(same_n, ref_stats))
+            if labels is not None:
+                result.update(_label_agreement(logits, labels))
+        return result
+
+    return score
 
 
 def run(ctx: common.Context) -> dict:
@@ -211,42 +283,16 @@ def run(ctx: common.Context) -> dict:
             directory,
             cfg.eval.num_samples,
         )
-    net = feature_network(ctx)
-    dinov2_net = dinov2_network(ctx)
-    ref_split = cfg.eval.reference_split
-    ref_features, ref_stats = reference_features(ctx, net, ref_split)
-    outputs, stats = compute_features(ctx, net, _array_batches(ctx, images))
-    features, logits = outputs["features"], outputs["logits"]
-    pr_size = cfg.eval.precision_recall_samples
-    precision, recall = metrics.precision_recall(
-        _subset(ref_features, pr_size, cfg.eval.seed), _subset(features, pr_size, cfg.eval.seed)
-    )
-    # The standard 10 splits (Salimans et al. 2016); fewer for fewer than 10 samples.
-    is_mean, is_std = metrics.inception_score(logits, num_splits=min(10, len(logits)))
-    kid_mean, kid_std = metrics.kernel_inception_distance(features, ref_features)
-    result = {
-        "fid": _frechet(stats, ref_stats),
-        "inception_score": is_mean,
-        "inception_score_std": is_std,
-        "kid": kid_mean,
-        "kid_std": kid_std,
-        "precision": precision,
-        "recall": recall,
-        "num_samples": len(images),
-        "sample_dir": str(directory),
-        "feature_network": net.name,
-        "reference": {"split": ref_split, "num_examples": len(ref_features)},
-    }
-    if dinov2_net is not None:
-        _, dinov2_ref_stats = reference_features(ctx, dinov2_net, ref_split)
-        _, dinov2_stats = compute_features(ctx, dinov2_net, _array_batches(ctx, images))
-        result["fd_dinov2"] = _frechet(dinov2_stats, dinov2_ref_stats)
-        result["fd_dinov2_network"] = dinov2_net.name
-    if cfg.data.name == "digits":
-        result.update(_digits_baselines(ctx, net, ref_stats, features))
-        if labels is not None:
-            result.update(_label_agreement(logits, labels))
-    return result
+    return {**make_scorer(ctx)(images, labels), "sample_dir": str(directory)}
+
+
+def make_evaluate(ctx: common.Context) -> Callable[[common.Context], dict]:
+    """``evaluate(ctx) -> dict`` for the training program: ``eval.num_samples`` samples of
+    ``ctx.params`` generated in memory (the ``samples.Sampler`` of mode=sample: the same
+    samples) and scored as ``run`` scores a sample directory. Compiles once, for every step."""
+    sampler = samples.make_sampler(ctx)
+    score = make_scorer(common.with_image_data(ctx))
+    return lambda ctx: score(*sampler.all(ctx.params))
 
 
 def _label_agreement(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -261,20 +307,16 @@ def _label_agreement(logits: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
-def _digits_baselines(ctx, net, ref_stats, sample_features) -> dict:
-    """What real held-out digits get, for scale: the classifier's accuracy on the test split,
-    the Fréchet distance of the test split to the reference, and that of as many samples as
-    the test split has (the distance is biased upwards at small N)."""
+def _digits_real_test(ctx, net, fn, ref_stats) -> dict:
+    """What real held-out digits get, for scale: the classifier's accuracy on the test split
+    and the Fréchet distance of the test split (``num_real_test`` images) to the reference."""
     from diffusion_jax import digits_classifier
 
-    test_outputs, test_stats = compute_features(ctx, net, _split_batches(ctx, "test"))
-    n = len(test_outputs["features"])
-    same_n = metrics.FeatureStats.zeros(sample_features.shape[1]).update(sample_features[:n])
+    test_outputs, test_stats = compute_features(ctx, fn, _split_batches(ctx, "test"))
     return {
         "classifier_test_accuracy": digits_classifier.accuracy(net.params, "test"),
         "fid_real_test": _frechet(test_stats, ref_stats),
-        "num_real_test": n,
-        "fid_samples_at_real_test_n": _frechet(same_n, ref_stats),
+        "num_real_test": len(test_outputs["features"]),
     }
 
 

@@ -11,7 +11,10 @@ settings stops instead of mixing two sets. Also writes a PNG grid of the first 1
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -69,25 +72,47 @@ def _check_meta(directory: epath.Path, meta: dict) -> None:
     )
 
 
-def run(ctx: common.Context) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """``eval.num_samples`` samples of a run in shards of ``eval.batch_size`` (``counts``: the
+    samples of each), from one compiled program (``generate.make_generate_fn``) of ``counts[0]``
+    samples: fewer samples than a batch are all it computes; the short last shard of several
+    computes a whole batch rather than compile a second program."""
+
+    config: Any
+    counts: list[int]
+    generate_fn: Callable
+    classifier: Any
+    num_classes: int | None
+
+    def shard(self, params, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Shard ``k`` of the samples of ``params``: uint8 ``[counts[k], H, W, C]`` and their
+        int32 class labels (None without labels). Every process must call it."""
+        first = k * self.config.eval.batch_size
+        rng = jax.random.PRNGKey(self.config.eval.seed)
+        images = generate.to_host(self.generate_fn(params, rng, first))[: self.counts[k]]
+        labels = generate.sample_labels(
+            self.config, self.num_classes, first + np.arange(self.counts[k])
+        )
+        return generate.to_uint8(images), labels
+
+    def all(self, params) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every shard of ``params``'s samples, concatenated (no files)."""
+        shards = [self.shard(params, k) for k in range(len(self.counts))]
+        images = np.concatenate([images for images, _ in shards])
+        labels = None if shards[0][1] is None else np.concatenate([y for _, y in shards])
+        return images, labels
+
+
+def make_sampler(ctx: common.Context) -> Sampler:
+    """The ``Sampler`` of ``ctx``'s config, model and mesh (and its guidance classifier and
+    latent decoder), compiled on its first call."""
     cfg = ctx.config
     num, batch_size = cfg.eval.num_samples, cfg.eval.batch_size
-    directory = sample_dir(ctx)
     num_classes = input_pipeline.dataset_spec(cfg.data)[1]
     config_lib.check_sampling_labels(cfg, num_classes)
     classifier = pretrained.load_classifier(cfg, ctx.mesh)
-    meta = _meta(ctx, classifier)
-    _check_meta(directory, meta)
-    if ctx.is_main:
-        common.write_json(directory / "meta.json", meta)
-    counts = [min(batch_size, num - start) for start in range(0, num, batch_size)]  # per shard
-    paths = [directory / f"shard_{k:06d}.npz" for k in range(len(counts))]
-    # Every process decides from the same files (a shared file system), so all of them take
-    # part in the same sharded calls.
-    todo = [k for k, path in enumerate(paths) if not path.exists()]
-    # One compiled program of counts[0] samples (padded to a multiple of the device count) for
-    # every shard: fewer samples than a batch are all it computes; the short last shard of
-    # several computes a whole batch rather than compile a second program.
+    counts = [min(batch_size, num - start) for start in range(0, num, batch_size)]
     generate_fn = generate.make_generate_fn(
         cfg,
         ctx.model,
@@ -97,18 +122,30 @@ def run(ctx: common.Context) -> dict:
         classifier,
         latents.load_decoder(cfg, ctx.mesh),
     )
-    rng = jax.random.PRNGKey(cfg.eval.seed)
+    return Sampler(cfg, counts, generate_fn, classifier, num_classes)
+
+
+def run(ctx: common.Context) -> dict:
+    cfg = ctx.config
+    num = cfg.eval.num_samples
+    directory = sample_dir(ctx)
+    sampler = make_sampler(ctx)
+    meta = _meta(ctx, sampler.classifier)
+    _check_meta(directory, meta)
+    if ctx.is_main:
+        common.write_json(directory / "meta.json", meta)
+    counts = sampler.counts
+    paths = [directory / f"shard_{k:06d}.npz" for k in range(len(counts))]
+    # Every process decides from the same files (a shared file system), so all of them take
+    # part in the same sharded calls.
+    todo = [k for k, path in enumerate(paths) if not path.exists()]
     progress = common.Progress("sample", num, "samples", done=num - sum(counts[k] for k in todo))
     for k in todo:
-        count = counts[k]
-        images = generate.to_host(generate_fn(ctx.params, rng, k * batch_size))[:count]
+        images, labels = sampler.shard(ctx.params, k)
         if ctx.is_main:
-            arrays = {"images": generate.to_uint8(images)}
-            labels = generate.sample_labels(cfg, num_classes, k * batch_size + np.arange(count))
-            if labels is not None:
-                arrays["labels"] = labels
+            arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
             common.write_atomically(paths[k], common.npz_bytes(**arrays))
-        progress.update(min(num, (k + 1) * batch_size))
+        progress.update(min(num, (k + 1) * cfg.eval.batch_size))
     grid_path = directory.parent / f"{directory.name}.png"  # eval/samples_step<N>.png by default
     if ctx.is_main:
         grid, labels = load_samples(directory, limit=GRID_SIZE, with_labels=True)
