@@ -154,6 +154,24 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``softmax(q k^T) v`` per head: q [B, Tq, H, d] (already scaled by ``d**-0.5``),
+    k, v [B, Tk, H, d] -> [B, Tq, H, d] in v's dtype; logits, exponentials and row sums in
+    float32.
+
+    The row sums divide the [B, Tq, H, d] output instead of the [B, H, Tq, Tk] weights (as flash
+    attention does), and the scale is applied to q, not to the logits: XLA:CPU otherwise
+    materialises the broadcast scale and row sums at the logits' size and spends a pass over the
+    block's largest tensor on each, in the forward and again in the backward pass.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    # Any per-row shift gives the same result; the max keeps exp from overflowing.
+    p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    row_sums = p.sum(axis=-1).transpose(0, 2, 1)[..., None]  # [B, Tq, H, 1]
+    return (out / row_sums).astype(v.dtype)
+
+
 def _dense(features: int, dtype: Dtype, name: str, kernel_init=xavier_uniform) -> nn.Dense:
     return nn.Dense(
         features,
@@ -198,10 +216,7 @@ class Attention(nn.Module):
             name=name,
         )
         qkv = dense((3, self.num_heads, hd), -1, "qkv")(x)  # [B, T, 3, heads, hd]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * (hd**-0.5), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = softmax_attention(qkv[:, :, 0] * hd**-0.5, qkv[:, :, 1], qkv[:, :, 2])
         return dense(D, (-2, -1), "proj")(out)
 
 
