@@ -66,10 +66,27 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=input_pipeline.iterator_checkpoint_args(data_iterator, restore=False),
-                config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+                config=_config_args(config),
             ),
             force=force,
         )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save_ema_params(self, step: int, ema_params, config) -> None:
+        """Saves checkpoint ``step`` with only ``ema_params`` in its state, and ``config``: all
+        the evaluation program reads (``restore_ema_params``, ``saved_config``), for parameters
+        made after training (``posthoc_ema``); training cannot resume from it. Waits until it
+        is written."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"ema_params": ema_params}),
+                config=_config_args(config),
+            ),
+        )
+        self.wait()
 
     def saved_config(self, step: int) -> dict | None:
         """The config checkpoint ``step`` was trained with (nested dicts, as ``save`` got it);
@@ -152,6 +169,10 @@ class Checkpointer:
 
     def close(self):
         self._manager.close()
+
+
+def _config_args(config) -> ocp.args.JsonSave:
+    return ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
 
 
 def _restore_position_saved_by_other_processes(data_dir: epath.Path, data_iterator):

@@ -141,6 +141,12 @@ def get_config():
     training.checkpoint_every = 5000
     training.keep_checkpoints = 3
     training.sample_every = 20_000  # 0 disables sample grids
+    # Post-hoc EMA (Karras et al. 2024; diffusion_jax.posthoc_ema): the relative standard
+    # deviations (fractions of the training so far) of the power-function EMAs to track, () =
+    # none (EDM2: (0.05, 0.10)), and the steps between their snapshots in WORKDIR/posthoc_ema,
+    # from which `python -m diffusion_jax.posthoc_ema` builds the EMA of any other length.
+    training.posthoc_ema_stds = ()
+    training.posthoc_ema_every = 10_000
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 64
