@@ -42,8 +42,9 @@ class Checkpointer:
     """Saves ``{"state": train state, "data": iterator position, "config": the config as JSON}``
     under ``workdir/checkpoints``."""
 
-    def __init__(self, workdir, *, keep: int = 1, async_save: bool = True, read_only=False):
-        """``read_only``: for evaluation; creates, cleans up and deletes nothing."""
+    def __init__(self, workdir, *, keep: int | None = 1, async_save: bool = True, read_only=False):
+        """``keep``: the latest checkpoints kept (None: all); ``read_only``: for evaluation;
+        creates, cleans up and deletes nothing."""
         self.directory = absolute(workdir) / "checkpoints"
         self._manager = ocp.CheckpointManager(
             self.directory,

@@ -259,7 +259,7 @@ def reconstruct(workdir, sigma_rel: float, step: int | None = None, out=None) ->
         ],
         "out": str(out),
     }
-    writer = checkpointing.Checkpointer(out, async_save=False)
+    writer = checkpointing.Checkpointer(out, keep=None, async_save=False)  # every step's
     try:
         if step in writer.all_steps():
             return record

@@ -314,7 +314,8 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
     t, ``<name>_qK_sum`` / ``<name>_qK_count`` (K = 0..3: the summed per-example term and the
     number of examples whose t lies in quarter K of the training distribution of noise levels,
     ``objective.quarter``: for DDPM quarter K of [0, T); denoiser: ``loss``, classifier:
-    ``loss`` and ``accuracy``; see ``average_metrics``).
+    ``loss`` and ``accuracy``; see ``average_metrics``). The post-hoc EMA profiles, if any, move
+    by ``posthoc_ema.update`` at the one-based step ``state.step + 1``.
 
     ``accumulate``: how ``setup.grad_accum_steps > 1`` micro-batches are run: ``"scan"``
     (``lax.scan``: one copy of the network in the program), ``"loop"`` (unrolled: one copy per

@@ -219,6 +219,7 @@ def test_train_step_moves_each_profile_by_its_beta(run):
             chex.assert_trees_all_equal(state["posthoc_ema"][k], _snapshot(run, step, sigma))
 
 
+@pytest.mark.slow  # a second training run (10-20 s): CI's slow pass
 def test_resume_continues_the_profiles_and_rewrites_no_snapshot(run, tmp_path):
     """(e) A run killed after step 3 (checkpoint 2, snapshots 1-3) resumes to the straight run's
     state at step 4, profiles included, writes snapshot 4 equal to the straight run's and leaves
@@ -247,7 +248,7 @@ def test_resume_continues_the_profiles_and_rewrites_no_snapshot(run, tmp_path):
 def test_command_writes_the_reconstruction_where_the_evaluation_reads(run, tmp_path):
     """(f) The command (a subprocess) writes a workdir whose checkpoint's EMA parameters, as the
     evaluation program restores them, are the snapshots combined by ``solve``'s coefficients,
-    under the run's config."""
+    under the run's config; the reconstruction at another step joins it there."""
     sigma, out = 0.07, tmp_path / "reconstructed"
     result = subprocess.run(
         [
@@ -274,6 +275,13 @@ def test_command_writes_the_reconstruction_where_the_evaluation_reads(run, tmp_p
     assert step == 3 and config.to_dict() == pretrained.load_config(run, None)[0].to_dict()
     _, params, _ = pretrained.restore_ema(config, out, step, sharding.make_mesh())
     chex.assert_trees_all_close(jax.device_get(params), expected, rtol=1e-6, atol=1e-7)
+
+    # Another step's reconstruction goes next to it; the one that exists stays as it is.
+    before = sorted((p, p.stat().st_mtime_ns) for p in (out / "checkpoints").rglob("*"))
+    posthoc_ema.reconstruct(run, sigma, step=3, out=out)
+    assert sorted((p, p.stat().st_mtime_ns) for p in (out / "checkpoints").rglob("*")) == before
+    posthoc_ema.reconstruct(run, sigma, step=4, out=out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["3", "4"]
 
 
 def test_command_refuses_in_one_line(run, tmp_path):
