@@ -38,8 +38,7 @@ the stored profiles can be refused too: from both profiles at the last step only
 The reconstruction is written as a workdir that the evaluation program reads like a run's: its
 ``checkpoints/<N>`` holds the reconstructed parameters as ``ema_params`` and the run's config
 (``checkpointing.save_ema_params``), ``reconstruction_step<N>.json`` what they were made
-from. It runs
-on one process; training writes the snapshots from any number.
+from. It runs on one process; training writes the snapshots from any number.
 """
 
 from __future__ import annotations
@@ -53,7 +52,9 @@ import numpy as np
 
 # sigma_rel of the widest profile, at gamma = (sqrt(5) - 3) / 2 where d sigma_rel / d gamma = 0.
 MAX_SIGMA_REL = 0.30028310600077757
-# Largest |r| / |p_target| (L2) of a reconstruction the command writes.
+# Largest |r| / |p_target| (L2) of a reconstruction the command writes: the reconstructed
+# profile within 5% of the target's, where EDM2's two profiles (0.05 and 0.10) differ by 47%
+# and 69% of their norms.
 MAX_RELATIVE_RESIDUAL = 0.05
 SNAPSHOT_DIR = "posthoc_ema"
 _SNAPSHOT_NAME = re.compile(r"(\d+)_sigma_rel(.+)\.npz")
