@@ -42,8 +42,9 @@ class Checkpointer:
     """Saves ``{"state": train state, "data": iterator position, "config": the config as JSON}``
     under ``workdir/checkpoints``."""
 
-    def __init__(self, workdir, *, keep: int = 1, async_save: bool = True, read_only=False):
-        """``read_only``: for evaluation; creates, cleans up and deletes nothing."""
+    def __init__(self, workdir, *, keep: int | None = 1, async_save: bool = True, read_only=False):
+        """``keep``: the latest checkpoints kept (None: all); ``read_only``: for evaluation;
+        creates, cleans up and deletes nothing."""
         self.directory = absolute(workdir) / "checkpoints"
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -66,10 +67,27 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=input_pipeline.iterator_checkpoint_args(data_iterator, restore=False),
-                config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+                config=_config_args(config),
             ),
             force=force,
         )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save_ema_params(self, step: int, ema_params, config) -> None:
+        """Saves checkpoint ``step`` with only ``ema_params`` in its state, and ``config``: all
+        the evaluation program reads (``restore_ema_params``, ``saved_config``), for parameters
+        made after training (``posthoc_ema``); training cannot resume from it. Waits until it
+        is written."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"ema_params": ema_params}),
+                config=_config_args(config),
+            ),
+        )
+        self.wait()
 
     def saved_config(self, step: int) -> dict | None:
         """The config checkpoint ``step`` was trained with (nested dicts, as ``save`` got it);
@@ -152,6 +170,10 @@ class Checkpointer:
 
     def close(self):
         self._manager.close()
+
+
+def _config_args(config) -> ocp.args.JsonSave:
+    return ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
 
 
 def _restore_position_saved_by_other_processes(data_dir: epath.Path, data_iterator):

@@ -149,6 +149,12 @@ def get_config():
     training.eval_modes = ("fid",)
     training.eval_num_samples = 1000  # fid: samples per evaluation, generated in memory
     training.eval_num_examples = 1000  # bpd, accuracy: the first ones of eval.split; 0 = all
+    # Post-hoc EMA (Karras et al. 2024; diffusion_jax.posthoc_ema): the relative standard
+    # deviations (fractions of the training so far) of the power-function EMAs to track, () =
+    # none (EDM2: (0.05, 0.10)), and the steps between their snapshots in WORKDIR/posthoc_ema,
+    # from which `python -m diffusion_jax.posthoc_ema` builds the EMA of any other length.
+    training.posthoc_ema_stds = ()
+    training.posthoc_ema_every = 10_000
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 64

@@ -22,6 +22,7 @@ from diffusion_jax import (
     models,
     objectives,
     ode_sampling,
+    posthoc_ema,
     sampling,
     schedules,
     train_step,
@@ -162,6 +163,7 @@ def validate(
         "training.log_every",
         "training.checkpoint_every",
         "training.keep_checkpoints",
+        "training.posthoc_ema_every",
         "sampling.num_samples",
         "training.eval_num_samples",
         "eval.num_samples",
@@ -206,6 +208,7 @@ def validate(
             "it needs 'model.class_conditional' True"
         )
     _validate_sampling(config)
+    _check_posthoc_ema_stds(config)
     if (
         config.diffusion.timestep_sampling == "importance"
         and config.diffusion.loss_type == "simple"
@@ -248,6 +251,24 @@ def validate(
             f"processes ({process_count})"
         )
     return config
+
+
+def _check_posthoc_ema_stds(config) -> None:
+    """``training.posthoc_ema_stds``: distinct numbers in ``(0, posthoc_ema.MAX_SIGMA_REL]``,
+    the relative standard deviations a power-function EMA can have."""
+    stds = config.training.posthoc_ema_stds
+    valid = all(
+        isinstance(s, (int, float))
+        and not isinstance(s, bool)
+        and 0 < s <= posthoc_ema.MAX_SIGMA_REL
+        for s in stds
+    )
+    if not valid or len(set(stds)) != len(stds):
+        raise ConfigError(
+            f"Config key 'training.posthoc_ema_stds' is {tuple(stds)!r}; it must hold distinct "
+            f"relative standard deviations in (0, {posthoc_ema.MAX_SIGMA_REL:.4f}] "
+            "(EDM2: (0.05, 0.1)), or be () for none"
+        )
 
 
 def _validate_tensor_parallel(config, num_devices: int) -> None:
@@ -720,6 +741,7 @@ RESUME_SAFE_KEYS = (
     "training.fsdp",
     "training.remat",
     "training.tensor_parallel",
+    "training.posthoc_ema_every",  # the snapshots' steps; the profiles are the same
     "optim",
     "sampling",
     "objective.edm.sigma_min",  # EDM's sampler grid; training does not read it
@@ -741,7 +763,8 @@ def check_resume(recorded, config, what: str) -> list[str]:
     ``split``, ``image_size``, ``channels``, ``shuffle``, ``random_flip`` (the data) and
     ``num_workers`` (the saved data position is specific to it); ``training.batch_size`` (data
     order and the examples' noise, keyed by global index); ``training.compute_dtype`` (the
-    network's arithmetic); every ``model.*`` key (the network), ``objective.name`` and every
+    network's arithmetic); ``training.posthoc_ema_stds`` (the profiles in the state); every
+    ``model.*`` key (the network), ``objective.name`` and every
     ``diffusion.*`` and ``objective.*`` key (process, parameterisation, loss) but EDM's sampler
     grid. A key added to the config later is refused until it is
     listed as safe.
@@ -828,6 +851,7 @@ def make_train_setup(config, num_classes: int | None = None, model=None) -> trai
         label_dropout=config.model.label_dropout,
         kl_weight=config.model.autoencoder.kl_weight,
         posterior=config.data.name == "latents",
+        posthoc_ema_stds=tuple(config.training.posthoc_ema_stds),
     )
 
 

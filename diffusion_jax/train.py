@@ -8,9 +8,9 @@ sample grids; its log shows accuracy.
 
 The loop: validate config -> data -> mesh -> state (restored from ``workdir`` when a checkpoint
 exists, if the config changed only in keys that are safe to change) -> jitted sharded train
-step -> progress/TensorBoard/sample grids -> async checkpoints -> evaluations every
-``training.eval_every`` steps (``train_eval``), and a final save on SIGTERM,
-SIGINT (Ctrl-C) or preemption. Multi-host: the same program on every process, after
+step -> progress/TensorBoard/sample grids -> post-hoc EMA snapshots (``posthoc_ema``) -> async
+checkpoints -> evaluations every ``training.eval_every`` steps (``train_eval``), and a final save
+on SIGTERM, SIGINT (Ctrl-C) or preemption. Multi-host: the same program on every process, after
 ``jax.distributed.initialize`` (see ``launch/``). ``DIR`` may be any ``etils.epath`` path, e.g.
 ``gs://bucket/run``.
 """
@@ -60,6 +60,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         generate,
         input_pipeline,
         latents,
+        posthoc_ema,
         pretrained,
         reporting,
         sharding,
@@ -157,6 +158,11 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
                 images = generate_fn(state.ema_params, jax.random.PRNGKey(config.seed + step), 0)
                 images = generate.to_host(images)[:num_preview]
                 reporter.save_samples(step, images, preview_labels)
+            if tcfg.posthoc_ema_stds and (
+                step % tcfg.posthoc_ema_every == 0 or step == tcfg.num_steps
+            ):
+                drain()
+                posthoc_ema.write_snapshots(workdir, step, state.posthoc_ema, tcfg.posthoc_ema_stds)
             stopping = (stop is not None and stop.received) or checkpointer.reached_preemption(step)
             evaluating = evaluations is not None and bool(evaluations.due(step))
             if (

@@ -28,27 +28,54 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import sharding
+from diffusion_jax import posthoc_ema, sharding
 from diffusion_jax.losses import LossHistory
 from diffusion_jax.models import autoencoder
 from diffusion_jax.models.classifier import label_log_prob
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
+    """The train state, a pytree. ``posthoc_ema``: one parameter tree per
+    ``training.posthoc_ema_stds`` (``diffusion_jax.posthoc_ema``), or None, which is no node
+    of the tree at all: a run without post-hoc EMA saves the checkpoints it saved before the
+    field existed, and restores those."""
+
     step: jnp.ndarray  # int32 scalar: number of updates applied
     params: Any
     ema_params: Any
     opt_state: Any
     rng: jnp.ndarray  # base PRNG key (uint32 [2]); per-step keys are folded in
     loss_history: LossHistory | None  # importance sampling of t only
+    posthoc_ema: tuple | None = None
+
+    def replace(self, **updates) -> TrainState:
+        return dataclasses.replace(self, **updates)
+
+
+def _state_fields(state: TrainState) -> tuple[str, ...]:
+    return tuple(
+        field.name
+        for field in dataclasses.fields(TrainState)
+        if field.name != "posthoc_ema" or state.posthoc_ema is not None
+    )
+
+
+jax.tree_util.register_pytree_with_keys(
+    TrainState,
+    lambda state: (
+        [(jax.tree_util.GetAttrKey(name), getattr(state, name)) for name in _state_fields(state)],
+        _state_fields(state),
+    ),
+    lambda names, children: TrainState(**dict(zip(names, children, strict=True))),
+    lambda state: ([getattr(state, name) for name in _state_fields(state)], _state_fields(state)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +91,8 @@ class TrainSetup:
     (``drop_labels``); ``kl_weight``: of an autoencoder's KL term (``example_terms_fn``);
     ``posterior``: the batches are latent posteriors (``"image"`` their mean, ``"std"``
     their standard deviation, ``diffusion_jax.latents``), and each step trains on a sample
-    ``x0 = mean + std eps`` drawn from the example's key.
+    ``x0 = mean + std eps`` drawn from the example's key; ``posthoc_ema_stds``: the
+    ``sigma_rel`` of the power-function EMAs the state tracks besides (``posthoc_ema``).
     """
 
     model: Any
@@ -78,6 +106,7 @@ class TrainSetup:
     label_dropout: float = 0.0
     kl_weight: float = 0.0
     posterior: bool = False
+    posthoc_ema_stds: tuple[float, ...] = ()
 
 
 def make_optimizer(optim_config):
@@ -132,6 +161,7 @@ def _init_state(setup: TrainSetup, image_shape, rng):
     else:
         y = jnp.zeros((1,), jnp.int32) if model.num_classes is not None else None
         params = model.init({"params": init_key}, x, t, y, train=False)["params"]
+    profiles = tuple(jax.tree_util.tree_map(jnp.copy, params) for _ in setup.posthoc_ema_stds)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -139,13 +169,14 @@ def _init_state(setup: TrainSetup, image_shape, rng):
         opt_state=setup.optimizer.init(params),
         rng=state_key,
         loss_history=setup.objective.init_history(),
+        posthoc_ema=profiles or None,
     )
 
 
 def state_shardings(setup: TrainSetup, image_shape, mesh):
     """``(abstract_state, shardings)``: shapes/dtypes of the state and where each leaf lives.
 
-    Parameters, their EMA and the optimizer state follow the tensor and FSDP rules
+    Parameters, their EMAs and the optimizer state follow the tensor and FSDP rules
     (``sharding``); the step, the RNG key and the loss history are replicated: every device
     reads them whole. Raises ValueError when the mesh's ``tensor`` axis does not divide the
     network's heads or hidden units (``sharding.check_tensor_parallel``).
@@ -159,6 +190,7 @@ def state_shardings(setup: TrainSetup, image_shape, mesh):
         params=sharding.param_shardings(mesh, abstract.params),
         ema_params=sharding.param_shardings(mesh, abstract.ema_params),
         opt_state=sharding.param_shardings(mesh, abstract.opt_state),
+        posthoc_ema=sharding.param_shardings(mesh, abstract.posthoc_ema),
     )
 
 
@@ -282,7 +314,8 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
     t, ``<name>_qK_sum`` / ``<name>_qK_count`` (K = 0..3: the summed per-example term and the
     number of examples whose t lies in quarter K of the training distribution of noise levels,
     ``objective.quarter``: for DDPM quarter K of [0, T); denoiser: ``loss``, classifier:
-    ``loss`` and ``accuracy``; see ``average_metrics``).
+    ``loss`` and ``accuracy``; see ``average_metrics``). The post-hoc EMA profiles, if any, move
+    by ``posthoc_ema.update`` at the one-based step ``state.step + 1``.
 
     ``accumulate``: how ``setup.grad_accum_steps > 1`` micro-batches are run: ``"scan"``
     (``lax.scan``: one copy of the network in the program), ``"loop"`` (unrolled: one copy per
@@ -300,6 +333,7 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
     use_scan = accumulate == "scan" and accum > 1
     terms_fn = example_terms_fn(setup)
     reported = REPORTED_TERMS[setup.kind]
+    gammas = [float(posthoc_ema.sigma_rel_to_gamma(s)) for s in setup.posthoc_ema_stds]
 
     def example_losses(params, micro, dropout_key, history):
         t_keys, noise_keys = jax.vmap(jax.random.split, out_axes=1)(micro["keys"])
@@ -367,6 +401,13 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
             opt_state=opt_state,
             loss_history=history,
         )
+        if state.posthoc_ema is not None:
+            new_state = new_state.replace(
+                posthoc_ema=tuple(
+                    posthoc_ema.update(profile, params, state.step + 1, gamma)
+                    for profile, gamma in zip(state.posthoc_ema, gammas, strict=True)
+                )
+            )
         metrics = {
             "loss": jnp.sum(objs),
             "grad_norm": optax.global_norm(grads),

@@ -412,6 +412,20 @@ def test_checkpoint_without_a_recorded_config_is_checked_against_config_json(ref
     assert step == _STEPS and config.to_dict() == _reference_config().to_dict()
 
 
+def test_a_run_without_posthoc_ema_saves_the_state_it_always_saved(reference):
+    """No ``posthoc_ema`` entry at all (not an empty one) without training.posthoc_ema_stds:
+    such runs write, and restore, the checkpoints of before post-hoc EMA existed."""
+    state, _ = _read_checkpoint(reference, _STEPS)
+    assert sorted(state) == [
+        "ema_params",
+        "loss_history",
+        "opt_state",
+        "params",
+        "rng",
+        "step",
+    ]
+
+
 def test_resume_with_more_steps_continues_and_keeps_every_runs_config(reference, tmp_path):
     """The longer run also keeps 2 checkpoints instead of 3: its save deletes the oldest one,
     which the first run wrote, and the restart restores the latest."""
