@@ -72,9 +72,7 @@ def state_dict_key(path: tuple[str, ...]) -> str:
 def _array(state: Mapping, key: str, source: str) -> np.ndarray:
     value = state[key]
     try:
-        if hasattr(value, "detach"):  # a torch tensor, possibly bfloat16
-            value = value.detach().cpu().float().numpy()
-        return np.asarray(value, dtype=np.float32)
+        return state_dicts.float32_array(value)
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{source}: {key!r} is not an array ({one_line(e)})") from None
 

@@ -99,12 +99,7 @@ def _proj_kernel(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 def _as_arrays(state_dict: Mapping) -> dict[str, np.ndarray]:
     """Name -> float32 NumPy array (accepts torch tensors, of any float dtype, too)."""
-    out = {}
-    for k, v in state_dict.items():
-        if hasattr(v, "detach"):  # a torch tensor (bfloat16 has no NumPy dtype: via float32)
-            v = v.detach().cpu().float().numpy()
-        out[str(k)] = np.asarray(v, np.float32)
-    return out
+    return {str(k): state_dicts.float32_array(v) for k, v in state_dict.items()}
 
 
 def detect_format(state_dict: Mapping) -> str:
