@@ -39,7 +39,7 @@ def sample_dir(ctx: common.Context) -> epath.Path:
     return ctx.eval_dir / f"samples_step{ctx.step}"
 
 
-def _meta(ctx: common.Context, classifier) -> dict:
+def _meta(ctx: common.Context, guide) -> dict:
     cfg = ctx.config
     meta = {
         "workdir": str(checkpointing.absolute(ctx.workdir)),
@@ -52,8 +52,11 @@ def _meta(ctx: common.Context, classifier) -> dict:
             k: v for k, v in json.loads(cfg.sampling.to_json()).items() if k != "num_samples"
         },
     }
-    if classifier is not None:
-        meta["classifier_step"] = classifier.step
+    if cfg.sampling.guidance == "classifier":
+        meta["classifier_step"] = guide.step
+    elif guide is not None:  # the step and run that "" and 0 (this run, the latest) stand for
+        meta["guide_workdir"] = str(checkpointing.absolute(guide.workdir))
+        meta["guide_step"] = guide.step
     return meta
 
 
@@ -75,8 +78,8 @@ def run(ctx: common.Context) -> dict:
     directory = sample_dir(ctx)
     num_classes = input_pipeline.dataset_spec(cfg.data)[1]
     config_lib.check_sampling_labels(cfg, num_classes)
-    classifier = pretrained.load_classifier(cfg, ctx.mesh)
-    meta = _meta(ctx, classifier)
+    guide = pretrained.load_guide(cfg, ctx.mesh, ctx.workdir)
+    meta = _meta(ctx, guide)
     _check_meta(directory, meta)
     if ctx.is_main:
         common.write_json(directory / "meta.json", meta)
@@ -94,7 +97,7 @@ def run(ctx: common.Context) -> dict:
         ctx.mesh,
         ctx.param_sharding,
         counts[0],
-        classifier,
+        guide,
         latents.load_decoder(cfg, ctx.mesh),
     )
     rng = jax.random.PRNGKey(cfg.eval.seed)
