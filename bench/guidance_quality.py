@@ -5,7 +5,7 @@
         --reference_dir=/tmp/qs/ref
     python bench/guidance_quality.py --conditional=RUN_COND --cfg_scales 0 1 3 \\
         --interval 0.28 5.42 --interval_scales 1 3 --guide_step=500 --auto_scales 1 3 \\
-        --results=schedules.jsonl --out_dir=/tmp/guided --reference_dir=/tmp/qs/ref
+        --num_steps=50 --results=schedules.jsonl --out_dir=/tmp/guided --reference_dir=/tmp/qs/ref
     python bench/guidance_quality.py --results=guidance.jsonl --table   # the Markdown table
 
 Points: classifier-free guidance of the class-conditional run (``configs/digits_cond.py``)
@@ -57,27 +57,30 @@ def points(args) -> list[dict]:
     return chosen
 
 
-def _key(point: dict) -> tuple:
-    """What tells points apart (results from before intervals and guides: every level, none)."""
+def _key(point: dict, num_steps: int) -> tuple:
+    """What tells points apart (results from before intervals, guides and ``--num_steps``:
+    every level, none, the run's sampler)."""
     return (
         point["run"],
         point["guidance"],
         point["scale"],
         tuple(point.get("interval", ())),
         point.get("guide_step", 0),
+        point.get("num_steps", num_steps),
     )
 
 
 def sweep(args):
     xla_flags.configure()  # as the evaluation program does, before JAX starts a backend
     workdirs = {"conditional": args.conditional, "unconditional": args.unconditional}
-    done = {_key(r) for r in read_results(args.results)}
+    done = {_key(r, 0) for r in read_results(args.results)}
     for point in points(args):
-        if _key(point) in done:
+        if _key(point, args.num_steps) in done:
             continue
         run, guidance, scale = point["run"], point["guidance"], point["scale"]
         name = f"{run}_{guidance}_{scale:g}" + "".join(f"_{v:g}" for v in point["interval"])
         name += f"_guide{point['guide_step']}" if point["guide_step"] else ""
+        name += f"_steps{args.num_steps}" if args.num_steps else ""
         overrides = {
             "sampling.guidance": guidance,
             "sampling.guidance_scale": scale,
@@ -86,6 +89,8 @@ def sweep(args):
             "eval.num_samples": args.num_samples,
             "eval.reference_dir": args.reference_dir,
         }
+        if args.num_steps:
+            overrides["sampling.num_steps"] = args.num_steps
         if guidance == "classifier":
             overrides["sampling.classifier_workdir"] = args.classifier
         if guidance == "autoguidance":
@@ -94,6 +99,7 @@ def sweep(args):
         line = emit(
             bench="guidance_quality",
             **point,
+            num_steps=args.num_steps,
             workdir=workdirs[run],
             num_samples=scores["num_samples"],
             fid=scores["fid"],
@@ -138,6 +144,7 @@ def main(argv=None):
     parser.add_argument("--out_dir", help="where each point's samples go")
     parser.add_argument("--reference_dir", default="", help="eval.reference_dir (cache)")
     parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--num_steps", type=int, default=0, help="sampling.num_steps; 0: the run's")
     parser.add_argument("--cfg_scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     parser.add_argument("--classifier_scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0])
     parser.add_argument(
