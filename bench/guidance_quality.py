@@ -115,7 +115,13 @@ def sweep(args):
 
 
 def table(results: list[dict]) -> str:
-    """The results as a Markdown table, one row per point."""
+    """The results as a Markdown table, one row per point: the points of a run, guidance,
+    interval and guide together (in the order they first appear), by scale."""
+    group = lambda r: (r["run"], r["guidance"], tuple(r.get("interval", ())), r.get("guide_step"))
+    first = {}
+    for i, r in enumerate(results):
+        first.setdefault(group(r), i)
+    results = sorted(results, key=lambda r: (first[group(r)], r["scale"]))
     rows = [
         "| model | guidance | scale | noise levels | FD (digits classifier) | IS | precision "
         "| recall | label agreement | sampling s |",

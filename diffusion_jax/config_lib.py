@@ -853,7 +853,8 @@ def make_train_setup(config, num_classes: int | None = None, model=None) -> trai
 
 def num_evaluations(config) -> int:
     """Network evaluations per sample of the sampler ``config.sampling`` chooses (twice as
-    many network rows under classifier-free guidance, which evaluates both branches at once)."""
+    many network rows under classifier-free guidance, which evaluates both branches at once,
+    and under autoguidance, which evaluates the guide too)."""
     scfg = config.sampling
     if config.objective.name != "ddpm":
         return ode_sampling.num_evaluations(scfg.method, scfg.num_steps)
