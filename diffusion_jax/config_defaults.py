@@ -178,11 +178,22 @@ def get_config():
     # Class labels of a class-conditional model or of classifier guidance: sample i gets
     # labels[i % len(labels)]; () = every class in turn (0, 1, ..., K-1, 0, ...).
     sampling.labels = ()
-    # "none", "classifier_free" (Ho & Salimans 2022; needs model.label_dropout > 0) or
-    # "classifier" (Dhariwal & Nichol 2021; the noisy classifier trained in classifier_workdir).
+    # "none", "classifier_free" (Ho & Salimans 2022; needs model.label_dropout > 0),
+    # "classifier" (Dhariwal & Nichol 2021; the noisy classifier trained in classifier_workdir)
+    # or "autoguidance" (Karras et al. 2024; the weaker model of guide_workdir, guide_step).
     sampling.guidance = "none"
-    sampling.guidance_scale = 0.0  # w of classifier-free guidance, s of classifier guidance
+    # w of classifier-free guidance and autoguidance (EDM2's autoguidance weight is 1 + w), s of
+    # classifier guidance; 0 is unguided.
+    sampling.guidance_scale = 0.0
     sampling.classifier_workdir = ""  # workdir of a model.kind "classifier" run (latest step)
+    # Autoguidance's guide: a denoiser of the same objective, process, images and classes; its
+    # workdir ("" = this run's) and checkpoint step (0 = the latest there).
+    sampling.guide_workdir = ""
+    sampling.guide_step = 0
+    # Guidance only at noise levels sigma in (lo, hi] (Kynkaanniemi et al. 2024), sigma on the
+    # objective's sigma / alpha scale: EDM's sigma, ddpm's sqrt((1 - abar_t) / abar_t), flow's
+    # t / (1 - t); elsewhere unguided. () = at every level.
+    sampling.guidance_interval = ()
 
     # The evaluation program (python -m diffusion_jax.evaluate); its sampler is `sampling.*`.
     config.eval = ev = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -18,6 +19,7 @@ from etils import epath
 from diffusion_jax import (
     config_defaults,
     diffusion,
+    guidance,
     losses,
     models,
     objectives,
@@ -38,7 +40,7 @@ MODEL_KINDS = ("denoiser", "classifier", "autoencoder")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # training.remat: no rematerialisation, or every block's activations recomputed.
 REMAT = ("none", "block")
-GUIDANCE = ("none", "classifier_free", "classifier")
+GUIDANCE = ("none", "classifier_free", "classifier", "autoguidance")
 
 
 class ConfigError(ValueError):
@@ -225,6 +227,7 @@ def validate(
             f"'diffusion.num_timesteps' ({config.diffusion.num_timesteps}) give no valid "
             f"schedule: {e}"
         ) from e
+    guidance_interval(config)  # after the schedule: the interval is checked against its levels
     batch, accum, fsdp = (
         config.training.batch_size,
         config.training.grad_accum_steps,
@@ -593,10 +596,28 @@ def _validate_guidance(config) -> None:
     labels = list(scfg.labels)
     if not all(isinstance(y, int) and not isinstance(y, bool) and y >= 0 for y in labels):
         raise ConfigError(f"Config key 'sampling.labels' must hold ints >= 0, got {tuple(labels)}")
-    if scfg.guidance == "none" and scfg.guidance_scale:
+    if scfg.guidance == "none":
+        for key, value in (
+            ("guidance_scale", scfg.guidance_scale),
+            ("guidance_interval", tuple(scfg.guidance_interval)),
+        ):
+            if value:
+                raise ConfigError(
+                    f"Config key 'sampling.{key}' ({value}) is set but 'sampling.guidance' is "
+                    f"'none': choose one of {', '.join(GUIDANCE[1:])}"
+                )
+    _at_least(config, "sampling.guide_step", 0)
+    if scfg.guidance != "autoguidance" and (scfg.guide_workdir or scfg.guide_step):
         raise ConfigError(
-            f"Config key 'sampling.guidance_scale' ({scfg.guidance_scale}) is set but "
-            "'sampling.guidance' is 'none': choose 'classifier_free' or 'classifier'"
+            f"Config keys 'sampling.guide_workdir' ({scfg.guide_workdir!r}) and "
+            f"'sampling.guide_step' ({scfg.guide_step}) choose autoguidance's guide, but "
+            f"'sampling.guidance' is {scfg.guidance!r}: leave them at '' and 0"
+        )
+    if scfg.guidance == "autoguidance" and not (scfg.guide_workdir or scfg.guide_step):
+        raise ConfigError(
+            "Config key 'sampling.guide_step' is 0 (the latest checkpoint) and "
+            "'sampling.guide_workdir' '' (this run): the guide would be this run's newest "
+            "model, not a weaker one; give the weak model's step or run"
         )
     if scfg.guidance == "classifier_free":
         if not mcfg.class_conditional:
@@ -829,6 +850,27 @@ def _flat(config) -> dict:
     return flat
 
 
+def guidance_interval(config) -> guidance.Interval | None:
+    """The ``guidance.Interval`` of ``sampling.guidance_interval`` on the objective's noise
+    levels, or None for ``()`` (guidance at every level). Raises ConfigError naming the key if
+    it is not ``(lo, hi)`` with ``0 <= lo < hi`` meeting the objective's range of levels."""
+    bounds = tuple(config.sampling.guidance_interval)
+    if not bounds:
+        return None
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds)
+    if len(bounds) != 2 or not numbers:
+        raise ConfigError(
+            f"Config key 'sampling.guidance_interval' must be () or (lo, hi), two numbers, got "
+            f"{bounds}"
+        )
+    try:
+        # Concrete schedule arrays, whose levels the range check reads, inside a jit trace too.
+        with jax.ensure_compile_time_eval():
+            return guidance.Interval(make_objective(config), *map(float, bounds))
+    except ValueError as e:
+        raise ConfigError(f"Config key 'sampling.guidance_interval': {e}") from e
+
+
 def make_objective(config):
     """The training objective of ``config`` (``objectives.from_config``)."""
     return objectives.from_config(config)
@@ -857,7 +899,8 @@ def make_train_setup(config, num_classes: int | None = None, model=None) -> trai
 
 def num_evaluations(config) -> int:
     """Network evaluations per sample of the sampler ``config.sampling`` chooses (twice as
-    many network rows under classifier-free guidance, which evaluates both branches at once)."""
+    many network rows under classifier-free guidance, which evaluates both branches at once,
+    and under autoguidance, which evaluates the guide too)."""
     scfg = config.sampling
     if config.objective.name != "ddpm":
         return ode_sampling.num_evaluations(scfg.method, scfg.num_steps)

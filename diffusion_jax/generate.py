@@ -17,6 +17,9 @@ from jax.experimental import multihost_utils
 from diffusion_jax import config_lib, guidance, ode_sampling, sampling, sharding
 from diffusion_jax.models.classifier import log_prob_fn
 
+# The values of sampling.guidance that sample with a second network, a pretrained.Guide.
+GUIDED_BY_A_NETWORK = ("classifier", "autoguidance")
+
 
 def sample_keys(rng, indices):
     """Per-sample keys ``uint32 [N, 2]``: ``fold_in(rng, i)`` for each global index ``i``."""
@@ -29,7 +32,7 @@ def padded_size(num: int, mesh) -> int:
 
 
 def make_generate_fn(
-    config, model, mesh, param_sharding, num_samples: int, classifier=None, decoder=None
+    config, model, mesh, param_sharding, num_samples: int, guide=None, decoder=None
 ):
     """Jitted ``generate(params, rng, first_index) -> images [P, H, W, C]`` in [-1, 1].
 
@@ -37,9 +40,9 @@ def make_generate_fn(
     ``config.sampling`` (method, number of steps and their spacing, eta, clipping or dynamic
     thresholding, guidance) from ``params`` (e.g. the EMA parameters, laid out as
     ``param_sharding``). A class-conditional model, or classifier guidance, gives sample ``i``
-    the label ``sample_labels(config, num_classes, i)``. ``classifier``: the
-    ``pretrained.Classifier`` of classifier guidance (``pretrained.load_classifier``), its
-    parameters an argument of the compiled program like ``params``. ``decoder``: for a model of
+    the label ``sample_labels(config, num_classes, i)``. ``guide``: the ``pretrained.Guide`` of
+    classifier guidance or autoguidance (``pretrained.load_guide``), its parameters an argument
+    of the compiled program like ``params``. ``decoder``: for a model of
     latents (``data.name`` "latents"), the ``latents.Decoder`` that turns them into images
     (``latents.load_decoder``; the same program decodes them).
 
@@ -50,10 +53,10 @@ def make_generate_fn(
     serves a whole run.
     """
     scfg = config.sampling
-    if (scfg.guidance == "classifier") != (classifier is not None):
+    if (scfg.guidance in GUIDED_BY_A_NETWORK) != (guide is not None):
         raise ValueError(
-            f"sampling.guidance is {scfg.guidance!r}: pass the classifier of "
-            "sampling.classifier_workdir exactly when it is 'classifier'"
+            f"sampling.guidance is {scfg.guidance!r}: pass the guide network (pretrained."
+            f"load_guide) exactly when it is {' or '.join(map(repr, GUIDED_BY_A_NETWORK))}"
         )
     objective = config_lib.make_objective(config)
     if objective.process is None:  # DDPM's chain over its (respaced) discrete schedule
@@ -63,7 +66,7 @@ def make_generate_fn(
     else:  # the continuous objective's ODE (or EDM's stochastic) sampler
         options = config_lib.ode_sampler_options(config)
         run_sampler = lambda fn, keys: ode_sampling.sample(fn, objective, shape, keys, **options)
-    num_classes = model.num_classes or (classifier and classifier.model.num_classes)
+    num_classes = model.num_classes or (guide and guide.model.num_classes)
     cycle = config_lib.sampling_labels(config, num_classes)
     batch = padded_size(num_samples, mesh)
     shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
@@ -72,7 +75,7 @@ def make_generate_fn(
     if (config.data.name == "latents") != (decoder is not None):
         raise ValueError("pass the decoder of the latent data set exactly for data.name 'latents'")
 
-    def generate(params, rng, first_index, classifier_params=None, decoder_params=None):
+    def generate(params, rng, first_index, guide_params=None, decoder_params=None):
         # The first half of the split keyed random labels before labels cycled; the noise keeps
         # its key, so unconditional sample sets are unchanged.
         _, noise_root = jax.random.split(rng)
@@ -80,19 +83,19 @@ def make_generate_fn(
         keys = jax.lax.with_sharding_constraint(sample_keys(noise_root, indices), batch_sharding)
         y = None if cycle is None else jnp.asarray(cycle)[indices % len(cycle)]
         model_fn = sampler_model_fn(
-            config, model, params, y, classifier, classifier_params, batch_sharding=batch_sharding
+            config, model, params, y, guide, guide_params, batch_sharding=batch_sharding
         )
         x0 = run_sampler(model_fn, keys)
         if decoder is not None:
             x0 = decoder.decode(decoder_params, x0)
         return jnp.clip(x0, -1.0, 1.0)
 
-    if classifier is None and decoder is None:
+    if guide is None and decoder is None:
         return jax.jit(
             generate, in_shardings=(param_sharding, None, None), out_shardings=batch_sharding
         )
-    # The guidance classifier's and the decoder's parameters are arguments too (None: absent).
-    helpers = (classifier, decoder and decoder.autoencoder)
+    # The guide's and the decoder's parameters are arguments too (None: absent).
+    helpers = (guide, decoder and decoder.autoencoder)
     compiled = jax.jit(
         generate,
         in_shardings=(param_sharding, None, None, *(h and h.param_sharding for h in helpers)),
@@ -104,44 +107,59 @@ def make_generate_fn(
 
 
 def sampler_model_fn(
-    config, model, params, labels, classifier=None, classifier_params=None, *, batch_sharding=None
+    config, model, params, labels, guide=None, guide_params=None, *, batch_sharding=None
 ):
     """The model function that the sampler of ``config.sampling`` runs: the bare network
     ``(x_in, noise_input)`` (DDPM's samplers give it ``(x_t, t)``, the others the objective's
-    network inputs), guided as ``sampling.guidance`` says.
+    network inputs), guided as ``sampling.guidance`` says, at the noise levels of
+    ``sampling.guidance_interval``.
 
     ``model`` (a U-Net) with ``params``, given ``labels`` (int ``[B]``, one per row of ``x_t``:
     a class-conditional model's, and the classes of classifier guidance; None when sampling
-    uses no labels); classifier guidance takes the ``pretrained.Classifier`` ``classifier``
-    with ``classifier_params``, fed the objective's network inputs as in its training. With
-    ``batch_sharding``, the network's input is constrained to it.
+    uses no labels). Classifier guidance and autoguidance take the ``pretrained.Guide``
+    ``guide`` with ``guide_params``: the classifier fed the objective's network inputs as in its
+    training, the weak model the same inputs and labels as ``model``. With
+    ``batch_sharding``, the networks' input is constrained to it.
     """
     scfg = config.sampling
+    interval = config_lib.guidance_interval(config)
 
-    def network(x_in, noise_input, y=None):
+    def network(module, module_params, x_in, noise_input, y):
         if batch_sharding is not None:
             x_in = jax.lax.with_sharding_constraint(x_in, batch_sharding)
-        return model.apply({"params": params}, x_in, noise_input, y, train=False)
+        return module.apply({"params": module_params}, x_in, noise_input, y, train=False)
+
+    def conditioned(module, module_params):
+        """``(x_in, noise_input) -> output`` of ``module``, given ``labels`` if it takes them."""
+        y = None if module.num_classes is None else labels
+        return lambda x_in, noise_input: network(module, module_params, x_in, noise_input, y)
 
     if scfg.guidance == "classifier_free":
-        model_fn = guidance.classifier_free(
-            network,
+        return guidance.classifier_free(
+            lambda x_in, noise_input, y: network(model, params, x_in, noise_input, y),
             labels,
             scfg.guidance_scale,
             null_label=model.num_classes,
             var_type=config.diffusion.var_type,
+            interval=interval,
         )
-    else:
-        model_fn = lambda x_in, noise_input: network(
-            x_in, noise_input, None if model.num_classes is None else labels
+    model_fn = conditioned(model, params)
+    if scfg.guidance == "autoguidance":
+        return guidance.autoguidance(
+            model_fn,
+            conditioned(guide.model, guide_params),
+            scfg.guidance_scale,
+            var_type=config.diffusion.var_type,
+            interval=interval,
         )
     if scfg.guidance == "classifier":
-        model_fn = guidance.classifier(
+        return guidance.classifier(
             model_fn,
-            log_prob_fn(classifier.model, classifier_params),
+            log_prob_fn(guide.model, guide_params),
             labels,
             scfg.guidance_scale,
             config_lib.make_objective(config),
+            interval=interval,
         )
     return model_fn
 

@@ -79,7 +79,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
         config.data, global_batch_size=tcfg.batch_size, seed=config.seed
     )
     mesh = sharding.make_mesh(tcfg.fsdp, tensor=tcfg.tensor_parallel)
-    classifier = pretrained.load_classifier(config, mesh) if tcfg.sample_every else None
+    guide = pretrained.load_guide(config, mesh, workdir) if tcfg.sample_every else None
     setup = config_lib.make_train_setup(config, num_classes)
     abstract, shardings = train_step.state_shardings(setup, image_shape, mesh)
 
@@ -119,7 +119,7 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
             mesh,
             shardings.ema_params,
             num_preview,
-            classifier,
+            guide,
             latents.load_decoder(config, mesh),
         )
         preview_labels = generate.sample_labels(config, num_classes, np.arange(num_preview))

@@ -710,6 +710,13 @@ def test_sample_directory_of_other_settings_is_not_mixed(trained_workdir, tmp_pa
     ):
         evaluators.evaluate(workdir, "sample", overrides={**overrides, "sampling.method": "ddim"})
     assert shard.read_bytes() == written
+    # A directory made before a sampling key existed was made with its default: it resumes.
+    meta_path = shard.parent / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["sampling"]["guidance_interval"]
+    meta_path.write_text(json.dumps(meta))
+    result = evaluators.evaluate(workdir, "sample", overrides=overrides)
+    assert result["shards_generated_now"] == 0 and shard.read_bytes() == written
 
 
 def test_eval_batches_pad_the_last_batch_and_split_rows_over_processes():

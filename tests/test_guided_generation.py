@@ -18,6 +18,7 @@ from diffusion_jax import (
     pretrained,
     reporting,
     sampling,
+    schedules,
     sharding,
     train,
     train_step,
@@ -29,6 +30,7 @@ from tests.test_evaluate import tiny_config
 from tests.test_folder_data import folder  # noqa: F401  (the fixture, for this module too)
 
 CONDITIONAL = {"model.class_conditional": True, "model.label_dropout": 0.1}
+AUTO = {"sampling.guidance": "autoguidance", "sampling.guide_step": 1}
 # GroupNorm over single channels (32 groups of 32 channels) would remove the per-channel offset
 # by which the time and label embeddings enter each residual block: labels would not matter.
 GROUPS = {"model.unet.num_groups": 8}
@@ -55,6 +57,27 @@ GROUPS = {"model.unet.num_groups": 8}
         ({"sampling.classifier_workdir": "/c"}, "'sampling.classifier_workdir' .* go together"),
         ({"sampling.labels": (1, 2)}, "'sampling.labels' .* the model is not class-conditional"),
         ({**CONDITIONAL, "sampling.labels": (1, -2)}, "'sampling.labels' must hold ints >= 0"),
+        (
+            {"sampling.guidance_interval": (0.1, 1.0)},
+            r"'sampling.guidance_interval' \(\(0.1, 1.0\)\) is set but 'sampling.guidance' is",
+        ),
+        ({"sampling.guide_step": 3}, "'sampling.guide_step' .* choose autoguidance's guide"),
+        ({"sampling.guide_workdir": "/g"}, "'sampling.guide_workdir' .* choose autoguidance's"),
+        ({**AUTO, "sampling.guide_step": 0}, "the guide would be this run's newest model"),
+        ({**AUTO, "sampling.guide_step": -1}, "'sampling.guide_step' must be >= 0, got -1"),
+        (
+            {**AUTO, "sampling.guidance_interval": (2.0, 1.0)},
+            r"'sampling.guidance_interval': the guidance interval \(lo, hi\] needs 0 <= lo < hi",
+        ),
+        (
+            {**AUTO, "sampling.guidance_interval": (1.0,)},
+            r"'sampling.guidance_interval' must be \(\) or \(lo, hi\), two numbers, got \(1.0,\)",
+        ),
+        (
+            {**AUTO, "sampling.guidance_interval": (400.0, float("inf"))},
+            r"holds none of the noise levels sigma / alpha of objective 'ddpm', which lie in "
+            r"\[0.0447661, 359.331\]",
+        ),
     ],
 )
 def test_bad_guidance_config_names_the_key(overrides, message):
@@ -147,7 +170,7 @@ def test_generate_refuses_a_missing_or_unasked_classifier():
     model = config_lib.make_model(config)
     mesh = sharding.make_mesh(1)
     with pytest.raises(ValueError, match="exactly when it is 'classifier'"):
-        generate.make_generate_fn(config, model, mesh, None, 4, classifier=object())
+        generate.make_generate_fn(config, model, mesh, None, 4, guide=object())
 
 
 def test_rows_by_class_puts_each_class_on_its_own_row():
@@ -202,7 +225,7 @@ def test_classifier_guided_generation_equals_a_hand_guided_chain(classifier_work
     config = _classifier_guided(classifier_workdir, s)
     model, mesh = config_lib.make_model(config), sharding.make_mesh(1)
     params = perturbed_params(config, model, mesh)
-    classifier = pretrained.load_classifier(config, mesh)
+    classifier = pretrained.load_guide(config, mesh, None)
     assert classifier.step == 2
     guided = generate.make_generate_fn(
         config, model, mesh, sharding.replicated(mesh), num, classifier
@@ -279,7 +302,7 @@ def test_a_classifier_of_another_objective_or_input_scaling_is_refused(classifie
     shift, EDM's p_mean and sigma_max) may differ."""
     flow = config_defaults.use_objective(_classifier_guided(classifier_workdir, 1.0), "flow")
     with pytest.raises(config_lib.ConfigError) as info:
-        pretrained.load_classifier(flow, sharding.make_mesh(1))
+        pretrained.load_guide(flow, sharding.make_mesh(1), None)
     assert (
         "the classifier there was trained with objective 'ddpm', the model sampled here 'flow' "
         "(objective.name)" in str(info.value)
@@ -288,23 +311,24 @@ def test_a_classifier_of_another_objective_or_input_scaling_is_refused(classifie
 
     def objective_config(name, **overrides):
         config = config_defaults.use_objective(tiny_config(), name)
+        config.sampling.guidance = "classifier"
         return config_lib.apply_overrides(config, overrides)
 
     edm_classifier = objective_config("edm", **{"model.kind": "classifier"})
     with pytest.raises(config_lib.ConfigError) as info:
-        pretrained._check_classifier(
+        pretrained._check_guide(
             objective_config("edm", **{"objective.edm.sigma_data": 1.0}), edm_classifier, "/c"
         )
     assert (
         "was trained on the input scaling 0.5, the model sampled here uses 1.0 "
         "(objective.edm.sigma_data)" in str(info.value)
     )
-    pretrained._check_classifier(
+    pretrained._check_guide(
         objective_config("edm", **{"objective.edm.p_mean": 0.0, "objective.edm.sigma_max": 40.0}),
         edm_classifier,
         "/c",
     )
-    pretrained._check_classifier(
+    pretrained._check_guide(
         objective_config("flow", **{"objective.flow.shift": 3.0}),
         objective_config("flow", **{"model.kind": "classifier"}),
         "/c",
@@ -386,7 +410,7 @@ def test_classifier_guided_flow_generation_equals_a_hand_guided_chain():
     model, classifier_model = _GaussianFlowModel(), _HandSetClassifier()
     params = {"mean": jnp.float32(0.1), "std": jnp.float32(0.5)}
     w = jnp.asarray(np.random.default_rng(2).normal(0.0, 0.3, (64, 3)), jnp.float32)
-    classifier = pretrained.Classifier(classifier_model, {"w": w}, {"w": replicated}, "hand-set", 0)
+    classifier = pretrained.Guide(classifier_model, {"w": w}, {"w": replicated}, "hand-set", 0)
     guided = generate.make_generate_fn(
         config, model, mesh, {"mean": replicated, "std": replicated}, num, classifier
     )
@@ -421,7 +445,7 @@ def test_a_flow_classifier_run_guides_a_flow_model(tmp_path):
     config = _flow_classifier_config(s, **GROUPS, **{"sampling.classifier_workdir": str(workdir)})
     model, mesh = config_lib.make_model(config), sharding.make_mesh(1)
     params = perturbed_params(config, model, mesh)
-    classifier = pretrained.load_classifier(config, mesh)
+    classifier = pretrained.load_guide(config, mesh, None)
     guided = generate.make_generate_fn(
         config, model, mesh, sharding.replicated(mesh), num, classifier
     )
@@ -443,6 +467,190 @@ def test_a_flow_classifier_run_guides_a_flow_model(tmp_path):
     assert scored["objective"] == "flow" and scored["num_examples"] == 40
     with np.load(workdir / "eval" / "accuracy_step2.npz") as saved:
         assert saved["t"].dtype == np.float32 and 0 < saved["t"].min() < saved["t"].max() < 1
+
+
+# --- autoguidance in the programs --------------------------------------------------------------
+
+
+def _flow_autoguided_config(scale, **overrides):
+    config = config_defaults.use_objective(tiny_config(), "flow", method="euler", num_steps=6)
+    config.sampling.update(guidance="autoguidance", guidance_scale=scale, guide_step=1)
+    return config_lib.validate(config_lib.apply_overrides(config, overrides))
+
+
+def test_autoguided_flow_generation_in_an_interval_equals_a_hand_guided_chain():
+    """``generate`` of a flow model (the exact network of N(0.1, 0.5^2) data) guided by a
+    worse one (that of N(-0.2, 1)) only where ``t / (1 - t)`` lies in (0.4, 3] (Euler's 6 steps
+    evaluate t = 1, 5/6, 2/3, 1/2, 1/3, 1/6: guided at the middle three), against Euler over
+    the velocity written out: ``(1 + w) v - w v_guide`` there, ``v`` elsewhere."""
+    num, w, first = 6, 2.0, 3
+    config = _flow_autoguided_config(w, **{"sampling.guidance_interval": (0.4, 3.0)})
+    mesh = sharding.make_mesh(1)
+    replicated = sharding.replicated(mesh)
+    model = _GaussianFlowModel()
+    params = {"mean": jnp.float32(0.1), "std": jnp.float32(0.5)}
+    weak = {"mean": jnp.float32(-0.2), "std": jnp.float32(1.0)}
+    layout = {"mean": replicated, "std": replicated}
+    guide = pretrained.Guide(model, weak, layout, "hand-set", 1)
+    guided = generate.make_generate_fn(config, model, mesh, layout, num, guide)
+    rng = jax.random.PRNGKey(4)
+    samples = np.asarray(guided(params, rng, first))
+
+    velocity = lambda p: lambda x, c: model.apply({"params": p}, x, c, None, train=False)
+
+    def by_hand(x, noise_input):
+        t = noise_input / 1000.0
+        inside = ((t / (1.0 - t) > 0.4) & (t / (1.0 - t) <= 3.0)).reshape(-1, 1, 1, 1)
+        v, v_guide = velocity(params)(x, noise_input), velocity(weak)(x, noise_input)
+        return jnp.where(inside, (1.0 + w) * v - w * v_guide, v)
+
+    expected = _flow_chain(by_hand, config, rng, first, num)
+    np.testing.assert_allclose(samples, np.clip(expected, -1, 1), atol=2e-5)
+    unguided = _flow_chain(velocity(params), config, rng, first, num)
+    assert np.abs(samples - np.clip(unguided, -1, 1)).max() > 0.05
+
+
+def _two_checkpoint_config(**overrides):
+    """A tiny class-conditional digits run of 2 steps at a large learning rate, EMA off, a
+    checkpoint after each step: step 1 a worse model than step 2."""
+    return tiny_config(
+        **CONDITIONAL,
+        **GROUPS,
+        **{
+            "optim.learning_rate": 0.01,
+            "optim.warmup_steps": 0,
+            "optim.ema_decay": 0.0,
+            "training.checkpoint_every": 1,
+            "training.keep_checkpoints": 2,
+            **overrides,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """The workdir of a ``_two_checkpoint_config`` run."""
+    workdir = tmp_path_factory.mktemp("two_checkpoints")
+    train.train_and_evaluate(_two_checkpoint_config(), workdir)
+    return workdir
+
+
+def _autoguided(workdir, **overrides):
+    """``_two_checkpoint_config`` sampled with autoguidance by ``workdir``'s step 1."""
+    config = _two_checkpoint_config(
+        **{**AUTO, "sampling.guide_workdir": str(workdir), "sampling.num_steps": 10, **overrides}
+    )
+    return config_lib.validate(config)
+
+
+@pytest.mark.slow  # trains a run: 18 s on 2 quiet cores, 50 s on loaded ones
+def test_autoguided_generation_from_an_earlier_checkpoint_equals_a_hand_guided_chain(
+    two_checkpoints,
+):
+    """``generate`` of the run's step 2 guided by its step 1 (restored by ``load_guide``) in an
+    interval of noise levels, against ``sampling.sample`` over ``(1 + w) eps_2 - w eps_1`` of
+    two separate network calls, with the same labels, where ``sqrt((1 - abar_t) / abar_t)``,
+    written out from the betas, lies in the interval (the respaced chain's t = 11 .. 38 of
+    its 0, 5, ..., 49), eps_2 elsewhere."""
+    num, w, first = 12, 2.0, 5
+    levels = np.sqrt(1.0 / np.cumprod(1.0 - schedules.get_betas("linear", 50)) - 1.0)
+    lo, hi = float(levels[8]), float(levels[40])
+    config = _autoguided(
+        two_checkpoints, **{"sampling.guidance_scale": w, "sampling.guidance_interval": (lo, hi)}
+    )
+    mesh = sharding.make_mesh(1)
+    model, params, _ = pretrained.restore_ema(config, two_checkpoints, 2, mesh)
+    _, weak_params, _ = pretrained.restore_ema(config, two_checkpoints, 1, mesh)
+    guide = pretrained.load_guide(config, mesh, two_checkpoints)
+    assert (guide.workdir, guide.step) == (str(two_checkpoints), 1)
+    guided = generate.make_generate_fn(config, model, mesh, sharding.replicated(mesh), num, guide)
+    rng = jax.random.PRNGKey(7)
+    samples = np.asarray(guided(params, rng, first))
+
+    labels = jnp.asarray(generate.sample_labels(config, 10, first + np.arange(num)))
+    apply = lambda p, x, t: model.apply({"params": p}, x, t, labels, train=False)
+    inside = jnp.asarray((levels > lo) & (levels <= hi))
+
+    def by_hand(x_t, t):
+        eps, weak_eps = apply(params, x_t, t), apply(weak_params, x_t, t)
+        return jnp.where(inside[t][:, None, None, None], (1 + w) * eps - w * weak_eps, eps)
+
+    @jax.jit
+    def chains(rng):
+        keys = generate.sample_keys(jax.random.split(rng)[1], first + jnp.arange(num))
+        schedule = config_lib.make_sampling_schedule(config)
+        options = config_lib.sampler_options(config)
+        run = lambda fn: sampling.sample(fn, schedule, (num, 8, 8, 1), keys, **options)
+        return run(by_hand), run(lambda x_t, t: apply(params, x_t, t))
+
+    expected, unguided = chains(rng)
+    np.testing.assert_allclose(samples, np.clip(expected, -1, 1), atol=2e-5)
+    assert np.abs(samples - np.clip(unguided, -1, 1)).max() > 0.05
+
+
+def test_a_missing_step_or_a_classifier_as_the_guide_is_refused_in_one_line(classifier_workdir):
+    """``load_guide`` names the keys: a step the guide's run lacks, and a run that holds no
+    denoiser (the classifier run's step 2)."""
+    for step, message in (
+        (7, "at 'sampling.guide_step' 7 holds no usable run: No checkpoint of step 7 in"),
+        (2, "the guide model there is not a denoiser: model.kind 'classifier', the model sampled"),
+    ):
+        config = tiny_config(
+            **{
+                **AUTO,
+                "sampling.guide_workdir": str(classifier_workdir),
+                "sampling.guide_step": step,
+            }
+        )
+        with pytest.raises(config_lib.ConfigError) as info:
+            pretrained.load_guide(config_lib.validate(config), sharding.make_mesh(1), None)
+        assert f"Config key 'sampling.guide_workdir' ('{classifier_workdir}')" in str(info.value)
+        assert message in str(info.value)
+        assert "\n" not in str(info.value)
+
+
+def test_a_guide_of_another_task_is_refused_and_a_weaker_network_accepted():
+    """A guide trained on other images, with another objective, process or output, on another
+    data set or with other class conditioning: refused in one line naming what differs. A
+    smaller network, trained for less, with other options of the training distribution:
+    accepted."""
+    sampled = tiny_config(**CONDITIONAL, **AUTO)
+    guide = lambda **overrides: tiny_config(**CONDITIONAL, **overrides)
+    flow = lambda config: config_defaults.use_objective(config, "flow", method="euler", num_steps=3)
+    source = "Config key 'sampling.guide_workdir' ('/g') at 'sampling.guide_step' 1"
+    cases = [
+        (
+            guide(**{"data.image_size": 16}),
+            "trained on images of 16x16x1, the model sampled here generates 8x8x1",
+        ),
+        (flow(guide()), "trained with objective 'flow', the model sampled here 'ddpm'"),
+        (
+            guide(**{"diffusion.mean_type": "v"}),
+            "trained on the noise schedule and output 'linear' x 50 x 'v' x 'fixed_large', the "
+            "model sampled here uses 'linear' x 50 x 'eps' x 'fixed_large' (diffusion.schedule x "
+            "diffusion.num_timesteps x diffusion.mean_type x diffusion.var_type)",
+        ),
+        (
+            guide(**{"data.name": "folder", "data.path": "/images"}),
+            "trained on data set 'folder' (path '/images'), the model sampled here on 'digits'",
+        ),
+        (
+            tiny_config(),
+            "has model.class_conditional False, the model sampled here True: both or neither",
+        ),
+    ]
+    for guide_config, message in cases:
+        with pytest.raises(config_lib.ConfigError) as info:
+            pretrained._check_guide(sampled, guide_config, source)
+        assert str(info.value).startswith(f"{source}: the guide model there ")
+        assert message in str(info.value)
+        assert "\n" not in str(info.value)
+    weaker = {"model.unet.ch": 16, "training.num_steps": 1, "optim.learning_rate": 1e-4}
+    pretrained._check_guide(sampled, guide(**weaker), source)
+    edm = lambda **overrides: config_defaults.use_objective(tiny_config(**AUTO, **overrides), "edm")
+    pretrained._check_guide(edm(), edm(**{"objective.edm.p_mean": 0.0}), source)
+    with pytest.raises(config_lib.ConfigError, match=r"input scaling 1.0, .* uses 0.5"):
+        pretrained._check_guide(edm(), edm(**{"objective.edm.sigma_data": 1.0}), source)
 
 
 def test_sample_shards_give_back_their_labels_and_refuse_a_mix(tmp_path):

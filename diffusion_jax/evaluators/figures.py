@@ -75,7 +75,7 @@ def _test_images(ctx: common.Context, num: int) -> np.ndarray:
 
 class _Chains:
     """The sampler's chains the figures run, each jitted with the parameters (the network's
-    and a guidance classifier's) and the labels as arguments."""
+    and a guide's) and the labels as arguments."""
 
     def __init__(self, ctx: common.Context):
         config = ctx.config
@@ -83,22 +83,22 @@ class _Chains:
         self.options = config_lib.sampler_options(config)
         self.ctx = ctx
         self.num_classes = input_pipeline.dataset_spec(config.data)[1]
-        self.classifier = pretrained.load_classifier(config, ctx.mesh)
+        self.guide = pretrained.load_guide(config, ctx.mesh, ctx.workdir)
 
     def _run(self, chain, indices, *args):
         """``chain(model_fn, *args)`` on the host, ``model_fn`` given the labels of samples
         ``indices`` (one per row of its batch)."""
         labels = generate.sample_labels(self.ctx.config, self.num_classes, indices)
-        classifier_params = self.classifier and self.classifier.params
+        guide_params = self.guide and self.guide.params
 
         @jax.jit
-        def run(params, classifier_params, labels, *args):
+        def run(params, guide_params, labels, *args):
             model_fn = generate.sampler_model_fn(
-                self.ctx.config, self.ctx.model, params, labels, self.classifier, classifier_params
+                self.ctx.config, self.ctx.model, params, labels, self.guide, guide_params
             )
             return chain(model_fn, *args)
 
-        return generate.to_host(run(self.ctx.params, classifier_params, labels, *args))
+        return generate.to_host(run(self.ctx.params, guide_params, labels, *args))
 
     def progressive(self, keys, record_every: int):
         """Samples ``i`` (a chain per key ``i``) and their trajectories."""

@@ -22,6 +22,7 @@ from etils import epath
 
 from diffusion_jax import (
     checkpointing,
+    config_defaults,
     config_lib,
     generate,
     input_pipeline,
@@ -42,7 +43,7 @@ def sample_dir(ctx: common.Context) -> epath.Path:
     return ctx.eval_dir / f"samples_step{ctx.step}"
 
 
-def _meta(ctx: common.Context, classifier) -> dict:
+def _meta(ctx: common.Context, guide) -> dict:
     cfg = ctx.config
     meta = {
         "workdir": str(checkpointing.absolute(ctx.workdir)),
@@ -50,23 +51,34 @@ def _meta(ctx: common.Context, classifier) -> dict:
         "num_samples": cfg.eval.num_samples,
         "batch_size": cfg.eval.batch_size,
         "seed": cfg.eval.seed,
-        # In its JSON form (tuples as lists), as meta.json gives it back.
-        "sampling": {
-            k: v for k, v in json.loads(cfg.sampling.to_json()).items() if k != "num_samples"
-        },
+        "sampling": _sampling_settings(cfg.sampling),
     }
-    if classifier is not None:
-        meta["classifier_step"] = classifier.step
+    if cfg.sampling.guidance == "classifier":
+        meta["classifier_step"] = guide.step
+    elif guide is not None:  # the step and run that "" and 0 (this run, the latest) stand for
+        meta["guide_workdir"] = str(checkpointing.absolute(guide.workdir))
+        meta["guide_step"] = guide.step
     return meta
+
+
+def _sampling_settings(sampling) -> dict:
+    """The ``sampling`` group but its preview size, in its JSON form (tuples as lists), as
+    meta.json gives it back."""
+    return {k: v for k, v in json.loads(sampling.to_json()).items() if k != "num_samples"}
 
 
 def _check_meta(directory: epath.Path, meta: dict) -> None:
     path = directory / "meta.json"
     if not path.exists():
         return
+    saved = json.loads(path.read_text())
+    # A directory made before a sampling key existed was made with the key's default (which
+    # keeps the sampler as it was).
+    defaults = _sampling_settings(config_defaults.get_config().sampling)
+    saved["sampling"] = {**defaults, **saved.get("sampling", {})}
     common.check_same_settings(
         directory,
-        json.loads(path.read_text()),
+        saved,
         meta,
         "Use another eval.sample_dir, or delete it to start over.",
     )
@@ -82,7 +94,7 @@ class Sampler:
     config: Any
     counts: list[int]
     generate_fn: Callable
-    classifier: Any
+    guide: Any
     num_classes: int | None
 
     def shard(self, params, k: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -105,13 +117,14 @@ class Sampler:
 
 
 def make_sampler(ctx: common.Context) -> Sampler:
-    """The ``Sampler`` of ``ctx``'s config, model and mesh (and its guidance classifier and
-    latent decoder), compiled on its first call."""
+    """The ``Sampler`` of ``ctx``'s config, model and mesh (and its guide: the classifier of
+    classifier guidance or the weak model of autoguidance; and its latent decoder), compiled on
+    its first call."""
     cfg = ctx.config
     num, batch_size = cfg.eval.num_samples, cfg.eval.batch_size
     num_classes = input_pipeline.dataset_spec(cfg.data)[1]
     config_lib.check_sampling_labels(cfg, num_classes)
-    classifier = pretrained.load_classifier(cfg, ctx.mesh)
+    guide = pretrained.load_guide(cfg, ctx.mesh, ctx.workdir)
     counts = [min(batch_size, num - start) for start in range(0, num, batch_size)]
     generate_fn = generate.make_generate_fn(
         cfg,
@@ -119,10 +132,10 @@ def make_sampler(ctx: common.Context) -> Sampler:
         ctx.mesh,
         ctx.param_sharding,
         counts[0],
-        classifier,
+        guide,
         latents.load_decoder(cfg, ctx.mesh),
     )
-    return Sampler(cfg, counts, generate_fn, classifier, num_classes)
+    return Sampler(cfg, counts, generate_fn, guide, num_classes)
 
 
 def run(ctx: common.Context) -> dict:
@@ -130,7 +143,7 @@ def run(ctx: common.Context) -> dict:
     num = cfg.eval.num_samples
     directory = sample_dir(ctx)
     sampler = make_sampler(ctx)
-    meta = _meta(ctx, sampler.classifier)
+    meta = _meta(ctx, sampler.guide)
     _check_meta(directory, meta)
     if ctx.is_main:
         common.write_json(directory / "meta.json", meta)

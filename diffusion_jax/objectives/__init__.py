@@ -15,6 +15,10 @@ through these methods (``x`` arrays ``[B, ...]``, noise levels ``t`` ``[B]``):
 - ``denoise(output, x_t, t) -> (x0, eps)``: the denoiser view of a network output, what
   samplers, guidance and likelihoods use;
 - ``sigma(t) -> [B]``: the noise's coefficient ``sigma(t)`` in ``x_t = alpha x0 + sigma eps``;
+- ``noise_level(t) -> [B]``: the noise-to-signal ratio ``sigma(t) / alpha(t)``, EDM's sigma of
+  the same point (``x_t / alpha = x0 + (sigma / alpha) eps``), the common scale on which
+  noise levels of every objective compare; ``noise_level_range``: its ``(lowest, highest)``
+  over the times the objective's samplers can reach;
 - ``shift_eps(output, x_t, t, delta) -> output``: the network output whose noise prediction at
   ``(x_t, t)`` is ``output``'s plus ``delta`` ``[B, ...]`` (classifier guidance's
   ``-s sigma grad log p(y | x_t)``);

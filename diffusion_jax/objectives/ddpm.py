@@ -100,6 +100,16 @@ class DDPM:
         """``sqrt(1 - abar_t)`` ``[B]``, the noise's coefficient in ``x_t``."""
         return self.schedule.sqrt_one_minus_alphas_cumprod[t]
 
+    def noise_level(self, t):
+        """``sqrt((1 - abar_t) / abar_t)`` ``[B]`` (computed in float64 with the schedule)."""
+        return self.schedule.sqrt_recipm1_alphas_cumprod[t]
+
+    @property
+    def noise_level_range(self) -> tuple[float, float]:
+        """The noise levels of timesteps 0 and T - 1."""
+        levels = self.schedule.sqrt_recipm1_alphas_cumprod
+        return float(levels[0]), float(levels[-1])
+
     def denoise(self, output, x_t, t):
         prediction, _ = diffusion.split_model_output(output, self.var_type)
         x0 = diffusion.predict_x0(self.schedule, x_t, t, prediction, self.mean_type)

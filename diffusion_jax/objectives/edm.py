@@ -92,6 +92,15 @@ class EDM:
     def sigma(self, t):
         return self.process.sigma(t)
 
+    def noise_level(self, t):
+        """sigma itself (``alpha = 1``)."""
+        return self.process.sigma(t)
+
+    @property
+    def noise_level_range(self) -> tuple[float, float]:
+        """From the data (0) to the sampler's start ``sigma_max``."""
+        return 0.0, float(self.sigma_max)
+
     def denoise(self, output, x_t, t):
         c_skip, c_out, _ = self._coefficients(t, x_t)
         x0 = c_skip * x_t + c_out * output

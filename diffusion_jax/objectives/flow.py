@@ -78,6 +78,15 @@ class Flow:
     def sigma(self, t):
         return self.process.sigma(t)
 
+    def noise_level(self, t):
+        """``t / (1 - t)``: infinite at the pure noise of t = 1."""
+        return t / (1.0 - t)
+
+    @property
+    def noise_level_range(self) -> tuple[float, float]:
+        """From the data (t = 0) to the pure noise (t = 1)."""
+        return 0.0, float("inf")
+
     def denoise(self, output, x_t, t):
         """``x0 = x_t - t v``, ``eps = x_t + (1 - t) v``."""
         t = process_lib.per_example(t, x_t)
