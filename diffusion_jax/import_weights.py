@@ -17,23 +17,7 @@ the classes and the decoder the evaluation program uses).
 
 from __future__ import annotations
 
-from absl import app, flags
 from etils import epath
-from ml_collections import config_flags
-
-from diffusion_jax import runtime
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint into.")
-_WEIGHTS = flags.DEFINE_string(
-    "weights", None, "DiT weights: official .pt/.safetensors or diffusers .safetensors."
-)
-_NUM_HEADS = flags.DEFINE_integer(
-    "num_heads",
-    None,
-    "Heads of the file's DiT (no shape shows them); default: its config.json's, or the "
-    "paper's size of that width.",
-)
 
 # The DiT attributes that the weights fix (``dit_weights.dit_kwargs``) and the config key that
 # sets each one, for the refusal's remedy.
@@ -137,23 +121,27 @@ def _check_tree(abstract_params, params) -> None:
         raise ValueError("the imported parameters do not have the config's names and shapes")
 
 
-def main(argv):
+def main(argv, flag_values):
+    """The program (its flags: ``_define_flags``)."""
+    from absl import app, logging
+
+    from diffusion_jax import checkpointing, config_lib, dit_weights, runtime
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None or _WEIGHTS.value is None:
+    if None in (flag_values.config, flag_values.workdir, flag_values.weights):
         raise app.UsageError("--config, --workdir and --weights are required")
     runtime.init_runtime()
-    from absl import logging
-
-    from diffusion_jax import checkpointing, config_lib, dit_weights
 
     def run():
-        count = import_into_workdir(_CONFIG.value, _WORKDIR.value, _WEIGHTS.value, _NUM_HEADS.value)
+        count = import_into_workdir(
+            flag_values.config, flag_values.workdir, flag_values.weights, flag_values.num_heads
+        )
         logging.info(
             "Wrote %s parameters of %s as step 0 of %s",
             f"{count:,}",
-            _WEIGHTS.value,
-            _WORKDIR.value,
+            flag_values.weights,
+            flag_values.workdir,
         )
 
     runtime.run_or_exit(
@@ -169,5 +157,30 @@ def main(argv):
     )
 
 
+def _define_flags():
+    """The program's flags; defined only when it runs (the training program's own ``--config``
+    and ``--workdir`` would collide in a process that imports both)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+    flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint into.")
+    flags.DEFINE_string(
+        "weights", None, "DiT weights: official .pt/.safetensors or diffusers .safetensors."
+    )
+    flags.DEFINE_integer(
+        "num_heads",
+        None,
+        "Heads of the file's DiT (no shape shows them); default: its config.json's, or the "
+        "paper's size of that width.",
+    )
+    return flags.FLAGS
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=runtime.parse_flags)
+    from absl import app
+
+    from diffusion_jax import runtime
+
+    _flags = _define_flags()
+    app.run(lambda argv: main(argv, _flags), flags_parser=runtime.parse_flags)
