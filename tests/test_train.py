@@ -82,7 +82,11 @@ def _tiny(**overrides) -> ml_collections.ConfigDict:
 
 
 def _flags(overrides: dict) -> list[str]:
-    return [f"--config.{key}={value!r}" for key, value in overrides.items()]
+    """Command-line overrides; strings as they are (the flag parser would keep repr's quotes)."""
+    return [
+        f"--config.{key}={value if isinstance(value, str) else repr(value)}"
+        for key, value in overrides.items()
+    ]
 
 
 def _env(cache_dir) -> dict[str, str]:

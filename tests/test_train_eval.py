@@ -195,7 +195,6 @@ def test_program_killed_while_evaluating_resumes_to_the_uninterrupted_log(
     uninterrupted program's (both subprocesses: the program's XLA flags are not this
     process's)."""
     overrides = {**_TINY, **_EVAL}
-    # A string flag is taken as it is written (repr's quotes would be part of the path).
     reference = f"--config.eval.reference_dir={reference_dir}"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _run(straight, tmp_path / "straight.log", cache_dir, reference, overrides=overrides)
