@@ -127,8 +127,8 @@ class Evaluations:
     def run(self, step: int, ema_params, reporter) -> None:
         """Evaluates the due modes of ``step`` from ``ema_params``, logging each (every process
         must call it)."""
+        ctx = dataclasses.replace(self.context, step=step, params=ema_params)
         for mode in self.due(step):
-            ctx = dataclasses.replace(self.context, step=step, params=ema_params)
             start = time.perf_counter()
             result = self.evaluate_fns[mode](ctx)
             seconds = time.perf_counter() - start

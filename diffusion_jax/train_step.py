@@ -67,14 +67,21 @@ def _state_fields(state: TrainState) -> tuple[str, ...]:
     )
 
 
+def _flatten_with_keys(state: TrainState):
+    names = _state_fields(state)
+    return [(jax.tree_util.GetAttrKey(name), getattr(state, name)) for name in names], names
+
+
+def _flatten(state: TrainState):
+    names = _state_fields(state)
+    return [getattr(state, name) for name in names], names
+
+
 jax.tree_util.register_pytree_with_keys(
     TrainState,
-    lambda state: (
-        [(jax.tree_util.GetAttrKey(name), getattr(state, name)) for name in _state_fields(state)],
-        _state_fields(state),
-    ),
+    _flatten_with_keys,
     lambda names, children: TrainState(**dict(zip(names, children, strict=True))),
-    lambda state: ([getattr(state, name) for name in _state_fields(state)], _state_fields(state)),
+    _flatten,
 )
 
 
