@@ -253,21 +253,22 @@ def test_block_and_final_layer_match_formulas():
 def test_softmax_attention_values_and_gradient_by_hand():
     # Against float64 NumPy: out = P v with P = softmax(q k^T) over the keys, per head; and the
     # gradient of sum(out * g) with respect to q by the chain rule through the softmax,
-    # dL = P * (dP - rowsum(dP * P)) with dP = g v^T, dq = dL k. Tq != Tk != H so a swapped
-    # axis fails; logits of order 1e3 would overflow exp without the row max subtracted.
+    # dL = P * (dP - rowsum(dP * P)) with dP = g v^T, dq = dL k. Operands are heads-major
+    # [B, H, T, d]; Tq != Tk != H so a swapped axis fails; logits of order 1e3 would overflow
+    # exp without the row max subtracted.
     B, Tq, Tk, H, d = 2, 3, 5, 4, 2
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    q, g = (np.asarray(jax.random.normal(key, (B, Tq, H, d))) for key in keys[:2])
-    k, v = (np.asarray(jax.random.normal(key, (B, Tk, H, d))) for key in keys[2:])
+    q, g = (np.asarray(jax.random.normal(key, (B, H, Tq, d))) for key in keys[:2])
+    k, v = (np.asarray(jax.random.normal(key, (B, H, Tk, d))) for key in keys[2:])
     q = q * 300.0
-    logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k)
+    logits = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k)
     assert np.abs(logits).max() > 100  # exp(100) already overflows float32
     P = np.exp(logits - logits.max(-1, keepdims=True))
     P /= P.sum(-1, keepdims=True)
-    expected = np.einsum("bhqk,bkhd->bqhd", P, v)
-    dP = np.einsum("bqhd,bkhd->bhqk", g, v)
+    expected = np.einsum("bhqk,bhkd->bhqd", P, v)
+    dP = np.einsum("bhqd,bhkd->bhqk", g, v)
     dL = P * (dP - (dP * P).sum(-1, keepdims=True))
-    expected_dq = np.einsum("bhqk,bkhd->bqhd", dL, k)
+    expected_dq = np.einsum("bhqk,bhkd->bhqd", dL, k)
 
     @jax.jit
     def out_and_dq(q, k, v, g):

@@ -155,21 +155,23 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """``softmax(q k^T) v`` per head: q [B, Tq, H, d] (already scaled by ``d**-0.5``),
-    k, v [B, Tk, H, d] -> [B, Tq, H, d] in v's dtype; logits, exponentials and row sums in
-    float32.
+    """``softmax(q k^T) v`` per head, heads-major: q [B, H, Tq, d] (already scaled by
+    ``d**-0.5``), k, v [B, H, Tk, d] -> [B, H, Tq, d] in v's dtype; logits, exponentials and row
+    sums in float32.
 
-    The row sums divide the [B, Tq, H, d] output instead of the [B, H, Tq, Tk] weights (as flash
-    attention does), and the scale is applied to q, not to the logits: XLA:CPU otherwise
-    materialises the broadcast scale and row sums at the logits' size and spends a pass over the
-    block's largest tensor on each, in the forward and again in the backward pass.
+    Heads-major operands make both products plain batched matrix products over (B, H); with the
+    heads between tokens and features instead, XLA:CPU runs them as strided batch dots, 2-3x
+    slower (measured in docs/networks.md). The row sums divide the [B, H, Tq, d] output instead
+    of the [B, H, Tq, Tk] weights (as flash attention does), and the scale is applied to q, not
+    to the logits: XLA:CPU otherwise materialises the broadcast scale and row sums at the
+    logits' size and spends a pass over the block's largest tensor on each, in the forward and
+    again in the backward pass.
     """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     # Any per-row shift gives the same result; the max keeps exp from overflowing.
     p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    row_sums = p.sum(axis=-1).transpose(0, 2, 1)[..., None]  # [B, Tq, H, 1]
-    return (out / row_sums).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
 def _dense(features: int, dtype: Dtype, name: str, kernel_init=xavier_uniform) -> nn.Dense:
@@ -215,9 +217,13 @@ class Attention(nn.Module):
             param_dtype=jnp.float32,
             name=name,
         )
-        qkv = dense((3, self.num_heads, hd), -1, "qkv")(x)  # [B, T, 3, heads, hd]
-        out = softmax_attention(qkv[:, :, 0] * hd**-0.5, qkv[:, :, 1], qkv[:, :, 2])
-        return dense(D, (-2, -1), "proj")(out)
+        # Tokens flattened to [B*T, ...] around both projections, as in ``Mlp``.
+        qkv = dense((3, self.num_heads, hd), -1, "qkv")(x.reshape(B * T, D))
+        qkv = qkv.reshape(B, T, 3, self.num_heads, hd)
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, heads, T, hd]
+        out = softmax_attention(q * hd**-0.5, k, v).transpose(0, 2, 1, 3)  # [B, T, heads, hd]
+        out = dense(D, (-2, -1), "proj")(out.reshape(B * T, self.num_heads, hd))
+        return out.reshape(B, T, D)
 
 
 class Mlp(nn.Module):
@@ -231,9 +237,12 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _dense(self.hidden_features, self.dtype, "fc1")(x)
+        # Tokens flattened to [N, D]: each weight gradient is then one plain matrix product;
+        # contracting [B, T] XLA:CPU first copies the [N, hidden] gradient transposed.
+        tokens = x.reshape(-1, x.shape[-1])
+        h = _dense(self.hidden_features, self.dtype, "fc1")(tokens)
         h = nn.gelu(h, approximate=self.approximate_gelu)
-        return _dense(x.shape[-1], self.dtype, "fc2")(h)
+        return _dense(x.shape[-1], self.dtype, "fc2")(h).reshape(x.shape)
 
 
 class DiTBlock(nn.Module):
