@@ -45,6 +45,25 @@ def emit_env() -> dict[str, Any]:
     )
 
 
+# XLA:CPU library choices, as compiler options (`.compile(compiler_options=...)`), so that
+# variants run in one process, interleaved. In this jaxlib, YNNPACK takes dots, convolutions and
+# reductions by default. "eigen_conv" keeps its dots and reductions and gives convolutions to
+# XLA's Eigen kernels; "ynn_reduce" keeps its reductions only (the programs' setting,
+# `xla_flags.CPU_LIBRARY_FLAG`); "eigen" gives it nothing. The same as
+# XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce, =reduce and =(empty)
+# before JAX starts its backend.
+XLA_CPU_VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "eigen_conv": {
+        "xla_cpu_experimental_ynn_fusion_type": (
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+        )
+    },
+    "ynn_reduce": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+}
+
+
 def time_compile(
     jitted: Callable, *args, compiler_options: dict[str, Any] | None = None
 ) -> tuple[Callable, float]:

@@ -2,6 +2,7 @@
 
     python bench/dit_vs_torch.py                  # DiT-S/2, 32x32x4 latents, batch 32
     python bench/dit_vs_torch.py --depth 2 --hidden 64 --heads 2 --batch 4 --rounds 1  # smoke
+    python bench/dit_vs_torch.py --variants default,ynn_reduce   # XLA:CPU library choices
 
 One train step = forward + backward of an MSE loss + an Adam update, class-conditional (1000
 classes), learned sigma (8 output channels), float32. Ours: ``DiT(numerics="diffusers")``
@@ -11,9 +12,12 @@ negligible difference in cost), ``torch.optim.Adam``. The two are timed in the s
 round after round (interleaved, so a change of the machine's load hits both), each round the
 best of ``--repeats`` steps; each round also measures the float32 matmul yardstick
 (``_common.matmul_gflops``: a [2048, 2048]^2 dot); the last line has the best of all rounds,
-the ratio and our step's XLA FLOP rate as a fraction of the best yardstick. Both use
-every core they see (XLA's thread pool, torch's intra-op threads): the numbers mean something
-only as a ratio measured in one run, and only with the machine's load stated alongside.
+the ratio and our step's XLA FLOP rate as a fraction of the best yardstick. ``--variants``
+compiles our step once per XLA:CPU library choice (``_common.XLA_CPU_VARIANTS``; "ynn_reduce",
+the default, is the training program's setting) and times each in every round; the last lines
+are per variant. Both use every core they see (XLA's thread pool, torch's intra-op threads):
+the numbers mean something only as a ratio measured in one run, and only with the machine's
+load stated alongside.
 
 Prints JSON lines; without torch or diffusers, one line saying so (exit status 0).
 """
@@ -30,6 +34,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
+    XLA_CPU_VARIANTS,
     best_of,
     emit,
     emit_env,
@@ -53,7 +58,17 @@ def _parse(argv):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per round and side")
     p.add_argument("--rounds", type=int, default=2)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--variants",
+        default="ynn_reduce",
+        help=f"comma-separated XLA:CPU variants of our step, of {list(XLA_CPU_VARIANTS)}",
+    )
+    a = p.parse_args(argv)
+    a.variants = a.variants.split(",")
+    for v in a.variants:
+        if v not in XLA_CPU_VARIANTS:
+            p.error(f"unknown variant {v!r}; valid: {list(XLA_CPU_VARIANTS)}")
+    return a
 
 
 def _inputs(a, seed=0):
@@ -65,7 +80,7 @@ def _inputs(a, seed=0):
     return x, t, y, target
 
 
-def _jax_step(a, x, t, y, target):
+def _jax_step(a, x, t, y, target, compiler_options=None):
     """``(run, gflop_per_image, compile_s)``: ``run()`` does one train step and blocks."""
     model = DiT(
         patch_size=a.patch,
@@ -91,7 +106,9 @@ def _jax_step(a, x, t, y, target):
         return optax.apply_updates(params, updates), opt_state, loss
 
     jitted = jax.jit(step, donate_argnums=(0, 1))
-    compiled, compile_s = time_compile(jitted, params, opt_state, x, t, y, target)
+    compiled, compile_s = time_compile(
+        jitted, params, opt_state, x, t, y, target, compiler_options=compiler_options
+    )
     flops = xla_flops(compiled)
     state = [params, opt_state]
 
@@ -148,19 +165,28 @@ def main(argv=None):
         loadavg_1min=os.getloadavg()[0],
     )
     x, t, y, target = _inputs(a)
-    jax_run, gflop, compile_s = _jax_step(a, x, t, y, target)
-    torch_run = _torch_step(a, torch, diffusers, x, t, y, target)
     config = dict(hidden=a.hidden, depth=a.depth, heads=a.heads, patch=a.patch, size=a.size)
     config |= dict(batch=a.batch)
-    emit(bench="dit_vs_torch_compile", jax_compile_s=compile_s, gflop_per_image=gflop, **config)
-    best = {"jax": float("inf"), "torch": float("inf")}
+    sides, gflop = {}, None
+    for v in a.variants:
+        run, gflop, compile_s = _jax_step(a, x, t, y, target, XLA_CPU_VARIANTS[v])
+        sides[f"jax_{v}"] = run
+        emit(
+            bench="dit_vs_torch_compile",
+            variant=v,
+            jax_compile_s=compile_s,
+            gflop_per_image=gflop,
+            **config,
+        )
+    sides["torch"] = _torch_step(a, torch, diffusers, x, t, y, target)
+    best = dict.fromkeys(sides, float("inf"))
     yardstick = 0.0
     for r in range(a.rounds):
         start = time.perf_counter()
         round_yardstick = matmul_gflops()
         yardstick = max(yardstick, round_yardstick)
         emit(bench="dit_vs_torch_yardstick", round=r, matmul_gflops=round_yardstick)
-        for name, run in (("jax", jax_run), ("torch", torch_run)):
+        for name, run in sides.items():
             s, times = best_of(run, a.repeats, warmup=1)
             best[name] = min(best[name], s)
             emit(
@@ -172,16 +198,19 @@ def main(argv=None):
                 images_per_s=a.batch / s,
             )
         emit(bench="dit_vs_torch_round_end", round=r, wall_s=time.perf_counter() - start)
-    emit(
-        bench="dit_vs_torch",
-        jax_images_per_s=a.batch / best["jax"],
-        torch_images_per_s=a.batch / best["torch"],
-        jax_over_torch=best["torch"] / best["jax"],
-        matmul_gflops=yardstick,
-        jax_fraction_of_matmul=gflop * a.batch / best["jax"] / yardstick if gflop else None,
-        loadavg_1min=os.getloadavg()[0],
-        **config,
-    )
+    for v in a.variants:
+        ours = best[f"jax_{v}"]
+        emit(
+            bench="dit_vs_torch",
+            variant=v,
+            jax_images_per_s=a.batch / ours,
+            torch_images_per_s=a.batch / best["torch"],
+            jax_over_torch=best["torch"] / ours,
+            matmul_gflops=yardstick,
+            jax_fraction_of_matmul=gflop * a.batch / ours / yardstick if gflop else None,
+            loadavg_1min=os.getloadavg()[0],
+            **config,
+        )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import XLA_CPU_VARIANTS as VARIANTS  # noqa: E402
 from _common import emit, emit_env, matmul_gflops, time_compile, timed  # noqa: E402
 
 from diffusion_jax.models import UNet  # noqa: E402
@@ -33,19 +34,6 @@ from diffusion_jax.models import UNet  # noqa: E402
 GFLOP_FORWARD = 12.4
 GFLOP_TRAIN = 37.3
 MATMUL_N = 2048
-
-# "eigen_conv": YNNPACK (XLA:CPU's default library for dots, convolutions and reductions in
-# this jaxlib) keeps dots and reductions, convolutions go to XLA's Eigen kernels, whose
-# weight-gradient convolutions are faster here. Same as
-# XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce
-VARIANTS: dict[str, dict[str, object]] = {
-    "default": {},
-    "eigen_conv": {
-        "xla_cpu_experimental_ynn_fusion_type": (
-            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
-        )
-    },
-}
 
 
 def build(batch: int):

@@ -8,11 +8,11 @@ The count depends on the input size only through which levels get attention.
 without the null label) give improved-diffusion's and guided-diffusion's networks with their
 parameter counts; see the class docstring.
 
-CPU performance (jaxlib 0.10): training is 10-30% faster with XLA's Eigen convolutions
-instead of YNNPACK's, whose weight-gradient convolutions are slow:
-`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce`, set before JAX
-initialises its backend (before the first computation); the training program and
-bench/train.py set it through ``diffusion_jax.xla_flags.configure``; see bench/unet.py.
+CPU performance (jaxlib 0.10): training is 10-30% (one machine) to 3.6x (another) faster with
+XLA's Eigen convolutions instead of YNNPACK's, whose weight-gradient convolutions are slow:
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=reduce`, set before JAX initialises its
+backend (before the first computation); the training program and bench/train.py set it through
+``diffusion_jax.xla_flags.configure``; see bench/unet.py.
 """
 
 from collections.abc import Sequence
