@@ -411,7 +411,12 @@ def test_accuracy_mode_is_the_same_on_1_and_4_devices_and_any_batch(sharded_runs
     assert len(one["t"]) == len(four["examples"]["t"]) == 297
     for key in ("t", "label", "predicted"):
         np.testing.assert_array_equal(four["examples"][key], one[key], err_msg=key)
-    np.testing.assert_allclose(four["examples"]["cross_entropy"], one["cross_entropy"], rtol=1e-5)
+    # Batches of 40 and 64 sum the logits' products in different orders: the cross-entropy of a
+    # confident prediction (-log p near 0, from logits of order 10-20) keeps an absolute
+    # round-off of a few float32 ulps of the logits, hence the atol.
+    np.testing.assert_allclose(
+        four["examples"]["cross_entropy"], one["cross_entropy"], rtol=1e-5, atol=2e-6
+    )
     assert four["summary"]["accuracy"] == summary["accuracy"]
 
 

@@ -217,13 +217,10 @@ class Attention(nn.Module):
             param_dtype=jnp.float32,
             name=name,
         )
-        # Tokens flattened to [B*T, ...] around both projections, as in ``Mlp``.
-        qkv = dense((3, self.num_heads, hd), -1, "qkv")(x.reshape(B * T, D))
-        qkv = qkv.reshape(B, T, 3, self.num_heads, hd)
+        qkv = dense((3, self.num_heads, hd), -1, "qkv")(x)  # [B, T, 3, heads, hd]
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, heads, T, hd]
         out = softmax_attention(q * hd**-0.5, k, v).transpose(0, 2, 1, 3)  # [B, T, heads, hd]
-        out = dense(D, (-2, -1), "proj")(out.reshape(B * T, self.num_heads, hd))
-        return out.reshape(B, T, D)
+        return dense(D, (-2, -1), "proj")(out)
 
 
 class Mlp(nn.Module):
@@ -237,12 +234,9 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Tokens flattened to [N, D]: each weight gradient is then one plain matrix product;
-        # contracting [B, T] XLA:CPU first copies the [N, hidden] gradient transposed.
-        tokens = x.reshape(-1, x.shape[-1])
-        h = _dense(self.hidden_features, self.dtype, "fc1")(tokens)
+        h = _dense(self.hidden_features, self.dtype, "fc1")(x)
         h = nn.gelu(h, approximate=self.approximate_gelu)
-        return _dense(x.shape[-1], self.dtype, "fc2")(h).reshape(x.shape)
+        return _dense(x.shape[-1], self.dtype, "fc2")(h)
 
 
 class DiTBlock(nn.Module):
