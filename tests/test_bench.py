@@ -58,7 +58,7 @@ def _start(script, args):
 
 def _lines(proc):
     """The process's JSON lines (its other lines skipped), grouped by their "bench" field."""
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     lines = {}
     for line in map(json.loads, filter(lambda text: text.startswith("{"), out.splitlines())):
