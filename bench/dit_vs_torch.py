@@ -167,15 +167,15 @@ def main(argv=None):
     x, t, y, target = _inputs(a)
     config = dict(hidden=a.hidden, depth=a.depth, heads=a.heads, patch=a.patch, size=a.size)
     config |= dict(batch=a.batch)
-    sides, gflop = {}, None
+    sides, gflop = {}, {}
     for v in a.variants:
-        run, gflop, compile_s = _jax_step(a, x, t, y, target, XLA_CPU_VARIANTS[v])
+        run, gflop[v], compile_s = _jax_step(a, x, t, y, target, XLA_CPU_VARIANTS[v])
         sides[f"jax_{v}"] = run
         emit(
             bench="dit_vs_torch_compile",
             variant=v,
             jax_compile_s=compile_s,
-            gflop_per_image=gflop,
+            gflop_per_image=gflop[v],
             **config,
         )
     sides["torch"] = _torch_step(a, torch, diffusers, x, t, y, target)
@@ -207,7 +207,7 @@ def main(argv=None):
             torch_images_per_s=a.batch / best["torch"],
             jax_over_torch=best["torch"] / ours,
             matmul_gflops=yardstick,
-            jax_fraction_of_matmul=gflop * a.batch / ours / yardstick if gflop else None,
+            jax_fraction_of_matmul=gflop[v] * a.batch / ours / yardstick if gflop[v] else None,
             loadavg_1min=os.getloadavg()[0],
             **config,
         )
