@@ -25,8 +25,10 @@ was chosen) and the shift 0; for imported weights, theirs.
 
 Encoding is deterministic and resumable: every chunk is written atomically once, and a restart
 skips the chunks present (a killed run's rerun gives byte-identical files). Each device encodes
-``batch_per_device`` images per call whatever the device or process count, so the files do not
-depend on them. A directory written with another autoencoder, data or split is refused.
+``batch_per_device`` images per call whatever the device or process count, so the latents agree
+across device and process counts to float32 round-off (not bit for bit: XLA:CPU's kernels can
+round differently by the number of devices a process has). A directory written with another
+autoencoder, data or split is refused.
 """
 
 from __future__ import annotations
