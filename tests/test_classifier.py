@@ -304,6 +304,7 @@ def one_step():
     return OneStep()
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_one_train_step_metrics_equal_an_independent_computation(one_step):
     model, params, rng = one_step.model, one_step.state.params, one_step.state.rng
     # Example i's key: fold_in(example_root, step * B + i), example_root from fold_in(rng, 0).
@@ -349,6 +350,7 @@ def test_average_metrics_pools_every_sum_and_count_pair_over_steps():
     assert averaged == {"loss": 2.0, "accuracy_q0": 0.5}
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_gradient_accumulation_gives_the_one_batch_step(one_step):
     expected, metrics = one_step()
     accumulated, accumulated_metrics = one_step(**{"training.grad_accum_steps": 2})
@@ -383,6 +385,7 @@ def sharded_runs():
     return run_on_4_devices("tests.sharded_classifier")
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_logits_and_train_step_are_the_same_on_1_and_4_devices(sharded_runs, one_step):
     """The subprocess's ``OneStep`` on 4 devices with ``training.fsdp=2`` (the batch split 4
     ways, large parameters 2 ways) against this process's on 1."""
@@ -402,6 +405,7 @@ def test_logits_and_train_step_are_the_same_on_1_and_4_devices(sharded_runs, one
         np.testing.assert_allclose(np.asarray(b).reshape(a.shape), a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_accuracy_mode_is_the_same_on_1_and_4_devices_and_any_batch(sharded_runs, tmp_path):
     ctx = linear_context(tmp_path, sharding.make_mesh(), batch_size=40)
     summary = accuracy.run(ctx)
@@ -433,6 +437,7 @@ def trained(tmp_path_factory):
     return workdir, config, metrics
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_training_program_logs_accuracy_by_quarter_and_saves(trained):
     workdir, _, metrics = trained
     assert _steps(workdir) == [2, 4]
@@ -443,6 +448,7 @@ def test_training_program_logs_accuracy_by_quarter_and_saves(trained):
     assert state["params"]["head"]["kernel"].shape == (64, 10)
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_resume_is_exact_and_a_changed_kind_is_refused(trained, tmp_path):
     reference, config, _ = trained
     workdir = tmp_path / "run"
@@ -485,6 +491,7 @@ def _low_t_accuracy(model, params) -> float:
     return float(np.mean(np.argmax(logits, -1) == labels))
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_training_raises_low_t_accuracy_above_chance(tmp_path):
     """60 steps of the tiny classifier through the training program (about 5 s): on the
     held-out digits at t in the first quarter, the accuracy rises from chance (measured: 0.104
@@ -677,6 +684,7 @@ def test_accuracy_mode_equals_an_independent_computation(tmp_path):
         assert np.mean(saved["t"] == t) < 0.1
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_evaluation_program_on_a_classifier_workdir(trained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir)

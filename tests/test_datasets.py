@@ -170,6 +170,7 @@ def test_cifar10_command_without_the_data_set_fails_in_one_line(tmp_path):
     assert seconds < 60  # no minutes of download retries
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 @needs_tensorflow
 def test_two_processes_prepare_once(tmp_path):
     """Two processes open the training data of a data_dir holding only the downloaded tarball:

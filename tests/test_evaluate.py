@@ -183,6 +183,7 @@ def sharded_runs():
     return run_on_4_devices("tests.sharded_eval")
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_bound_per_example_is_the_same_on_1_and_4_devices_and_any_batch(sharded_runs):
     one = sharded_runs["bpd_1x40"]
     assert len(one["examples"]) == 297  # 7 batches of 40 and one of 17 padded to 40
@@ -192,6 +193,7 @@ def test_bound_per_example_is_the_same_on_1_and_4_devices_and_any_batch(sharded_
         assert sharded_runs[other]["total"] == pytest.approx(one["total"], rel=1e-7)
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_generation_is_split_over_devices_and_device_count_invariant(sharded_runs):
     one, four = sharded_runs["generate_1"], sharded_runs["generate_4"]
     assert one["conv_batches"] == [64]
@@ -200,6 +202,7 @@ def test_generation_is_split_over_devices_and_device_count_invariant(sharded_run
     assert np.std(one["samples"]) > 0.1  # not a constant
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_fewer_samples_than_a_batch_compute_only_those(sharded_runs):
     run = sharded_runs["sample_6_of_500"]
     # 6 samples padded to 8 for 4 devices, not eval.batch_size's 500 (125 per device).
@@ -207,6 +210,7 @@ def test_fewer_samples_than_a_batch_compute_only_those(sharded_runs):
     assert run["saved"] == 6
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_classifier_free_guidance_keeps_both_branches_on_the_examples_device(sharded_runs):
     one, four = sharded_runs["guided_1"], sharded_runs["guided_4"]
     assert four["collectives"] == []
@@ -356,6 +360,7 @@ def _eval_json(workdir, mode) -> dict:
     return json.loads(_eval_path(workdir, mode).with_suffix(".json").read_text())
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_bpd_killed_and_restarted_equals_an_uninterrupted_run(
     trained_workdir, uninterrupted, tmp_path, env
 ):
@@ -401,6 +406,7 @@ def _shards(directory):
     return [path.name for path in shards], arrays
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_samples_killed_and_restarted_equal_an_uninterrupted_run(
     trained_workdir, uninterrupted, tmp_path, env
 ):
@@ -429,6 +435,7 @@ def test_samples_killed_and_restarted_equal_an_uninterrupted_run(
     assert grid.size[0] == grid.size[1] > 10 * 8  # 100 samples, upscaled
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_samples_bound_and_scores_are_the_same_on_2_processes_of_2_devices(
     trained_workdir, classifier_dir, uninterrupted, tmp_path, env
 ):
@@ -495,6 +502,7 @@ def test_samples_bound_and_scores_are_the_same_on_2_processes_of_2_devices(
     np.testing.assert_allclose(np.load(two)["features"], np.load(one)["features"], rtol=1e-5)
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_fid_mode_precision_is_of_the_samples_and_recall_of_the_data(
     trained_workdir, classifier_dir, tmp_path
 ):
@@ -534,6 +542,7 @@ def _frechet_by_definition(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * root))
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_fid_mode_reports_fd_dinov2_of_the_features(trained_workdir, classifier_dir, tmp_path):
     """``eval.dinov2_weights``: FD-DINOv2 beside FID, with a tiny random DINOv2 saved with the
     official key names (the real weights cannot be downloaded here). It equals the Fréchet
@@ -627,6 +636,7 @@ def _figure_cells(path, cols: int, size: int = 8) -> np.ndarray:
     )
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_figures_of_a_class_conditional_model_label_each_chain_as_generation_does(tmp_path):
     """The exact denoiser of a mixture whose class c is every pixel near m_c: a chain's label
     shows as its images' mean (the cycled labels 7, 2, 5, ...: sample, image and pair i get
@@ -663,6 +673,7 @@ def test_figures_of_a_class_conditional_model_label_each_chain_as_generation_doe
     np.testing.assert_array_equal(labels_shown(decoded), np.repeat([[7] * 11, [2] * 11], 3, axis=0))
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_bad_input_is_one_line_and_writes_nothing(trained_workdir, tmp_path, env):
     workdir = _copy(trained_workdir, tmp_path, "bad")
     before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
@@ -697,6 +708,7 @@ def test_bad_input_is_one_line_and_writes_nothing(trained_workdir, tmp_path, env
     assert out.stderr.strip().splitlines()[-1].startswith("error: No checkpoint of step 7")
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_sample_directory_of_other_settings_is_not_mixed(trained_workdir, tmp_path):
     workdir = _copy(trained_workdir, tmp_path, "mixed")
     overrides = {"eval.batch_size": 16, "eval.num_samples": 16}

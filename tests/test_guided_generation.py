@@ -119,6 +119,7 @@ def perturbed_params(config, model, mesh):
     return jax.tree_util.tree_unflatten(tree, leaves)
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_classifier_free_generation_equals_a_hand_guided_chain():
     """``generate`` with guidance against ``sampling.sample`` driven by an independent
     combination of two separate network calls; w = 0 is conditional sampling."""
@@ -216,6 +217,7 @@ def _classifier_guided(workdir, scale, **overrides):
     return config_lib.validate(config)
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_classifier_guided_generation_equals_a_hand_guided_chain(classifier_workdir):
     """``generate`` with the classifier of a workdir against eps - s sqrt(1 - abar_t) grad
     log p(y | x_t) written out with ``jax.grad`` of the restored classifier's log-softmax, on a
@@ -264,6 +266,7 @@ def test_classifier_guided_generation_equals_a_hand_guided_chain(classifier_work
     assert np.abs(samples - unguided).max() > 0.05
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_a_classifier_for_other_images_or_noise_is_refused_before_anything_is_written(
     classifier_workdir,
     folder,  # noqa: F811  (the fixture)
@@ -295,6 +298,7 @@ def test_a_classifier_for_other_images_or_noise_is_refused_before_anything_is_wr
         assert not run.exists()
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_a_classifier_of_another_objective_or_input_scaling_is_refused(classifier_workdir):
     """The ddpm classifier for a flow model: refused before anything is restored, naming
     objective.name. EDM's sigma_data scales the classifier's input: refused, naming the key;
@@ -588,6 +592,7 @@ def test_autoguided_generation_from_an_earlier_checkpoint_equals_a_hand_guided_c
     assert np.abs(samples - np.clip(unguided, -1, 1)).max() > 0.05
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_a_missing_step_or_a_classifier_as_the_guide_is_refused_in_one_line(classifier_workdir):
     """``load_guide`` names the keys: a step the guide's run lacks, and a run that holds no
     denoiser (the classifier run's step 2)."""

@@ -130,6 +130,7 @@ def reference_run(tmp_path_factory) -> pathlib.Path:
     return workdir
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_two_processes_match_one_process(reference_run, tmp_path):
     _train(tmp_path, K, processes=2, devices=2)
     actual, expected = _load_state(tmp_path, K), _load_state(reference_run, K)
@@ -156,6 +157,7 @@ def test_fsdp_matches_data_parallel(reference_run, tmp_path):
     print(f"max |params(fsdp=2) - params(fsdp=1)| after {K} steps = {diff:.3g}")
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_resume_four_device_checkpoint_on_two_processes(reference_run, tmp_path):
     workdir = tmp_path / "workdir"
     shutil.copytree(reference_run, workdir)

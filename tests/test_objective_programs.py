@@ -55,6 +55,7 @@ def written_out_loss(name, network, x0, t_key, noise):
     return jnp.mean((network(x, 1000 * t) - (noise - x0)) ** 2)
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_first_step_loss_is_the_objective_written_out(name):
     config = tiny_objective_config(name, **{"training.batch_size": 8})
@@ -95,6 +96,7 @@ def objective_workdir(request, tmp_path_factory):
     return request.param, workdir
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_samples_and_bpd_equal_direct_calls_on_the_restored_parameters(objective_workdir):
     name, workdir = objective_workdir
     overrides = {
@@ -134,6 +136,7 @@ def test_samples_and_bpd_equal_direct_calls_on_the_restored_parameters(objective
     assert bound["total_bpd"] == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_figures_of_a_continuous_objective_is_one_line(objective_workdir):
     name, workdir = objective_workdir
     with pytest.raises(config_lib.ConfigError) as error:

@@ -202,6 +202,7 @@ def _snapshot(workdir, step, sigma):
     return posthoc_ema.read_snapshot(posthoc_ema.snapshot_path(workdir, step, sigma))
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_train_step_moves_each_profile_by_its_beta(run):
     """(d) Snapshot at step t = beta_t x snapshot at t - 1 + (1 - beta_t) x the parameters
     after t updates (checkpoints 2 and 4), with beta_t = (1 - 1/t)^(gamma + 1) in float64; the
@@ -245,6 +246,7 @@ def test_resume_continues_the_profiles_and_rewrites_no_snapshot(run, tmp_path):
         chex.assert_trees_all_equal(_snapshot(workdir, 4, sigma), _snapshot(run, 4, sigma))
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_command_writes_the_reconstruction_where_the_evaluation_reads(run, tmp_path):
     """(f) The command (a subprocess) writes a workdir whose checkpoint's EMA parameters, as the
     evaluation program restores them, are the snapshots combined by ``solve``'s coefficients,
@@ -284,6 +286,7 @@ def test_command_writes_the_reconstruction_where_the_evaluation_reads(run, tmp_p
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["3", "4"]
 
 
+@pytest.mark.slow  # moved out of the default suite (10-minute budget): CI's slow pass
 def test_command_refuses_in_one_line(run, tmp_path):
     """A sigma_rel the snapshots cannot reconstruct, a step without snapshots, a workdir
     without any: one line each, nothing written."""
