@@ -17,8 +17,10 @@ synthetic batches of the config's shape (no data set needed). Prints JSON lines;
 first step (compile + one step), the best and mean images/s over the timed steps, and:
 
   - ``xla_gflop_per_image``: FLOPs of the compiled step by XLA's cost analysis, summed over
-    devices, per image; for the DDPM CIFAR-10 network also ``paper_gflop_per_image`` (37.3:
-    3x the 12.4 GFLOP forward) and ``xla_over_paper``, their ratio;
+    devices, per image (a DiT with ``model.dit.scan_blocks`` counted with its blocks unrolled:
+    the analysis counts a loop's body once); for the DDPM CIFAR-10 network also
+    ``paper_gflop_per_image`` (37.3: 3x the 12.4 GFLOP forward) and ``xla_over_paper``, their
+    ratio;
   - ``mfu``: achieved XLA FLOP/s per device over the device's peak (``peak`` says which: dense
     bf16 for bfloat16 compute, dense TF32 for float32; ``--peak_tflops`` overrides, None where
     unknown, e.g. on CPU); ``mfu_paper`` the same with the paper's FLOPs;
@@ -196,7 +198,7 @@ def bench_train_step(config, num_steps: int, num_classes: int, peak_tflops=None)
     num_devices = jax.device_count()
     device = jax.devices()[0]
     step_best = min(step_s)
-    flops = xla_flops(compiled)  # one device's share of the step
+    flops = step_flops(config, compiled, num_classes)  # one device's share of the step
     peak, peak_name = device_peak_flops(device, dtype)
     if peak_tflops:
         peak, peak_name = peak_tflops * 1e12, "--peak_tflops"
@@ -236,9 +238,9 @@ def bench_train_step(config, num_steps: int, num_classes: int, peak_tflops=None)
     )
 
 
-def compile_train_step(config, num_classes: int) -> dict:
-    """Compiles (does not run) the train step of ``config`` on the devices present, from
-    abstract state and batch; returns the fields of a ``train_step_compiled`` line."""
+def compile_abstract(config, num_classes: int):
+    """The train step of ``config`` compiled (not run) for the devices present from abstract
+    state and batch, micro-batches as a scan; returns ``(compiled, seconds, abstract state)``."""
     data = config.data
     image_shape = (data.image_size, data.image_size, data.channels)
     mesh = sharding.make_mesh(config.training.fsdp, tensor=config.training.tensor_parallel)
@@ -259,7 +261,27 @@ def compile_train_step(config, num_classes: int) -> dict:
     # not as the CPU default (an unrolled loop, faster here but holding more at once).
     step_fn = train_step.make_train_step(setup, mesh, shardings, accumulate="scan")
     compiled, compile_s = time_compile(step_fn, state, batch)
-    flops = xla_flops(compiled)
+    return compiled, compile_s, abstract
+
+
+def step_flops(config, compiled, num_classes: int) -> float | None:
+    """One device's FLOPs of ``compiled``, the train step of ``config``, by XLA's cost
+    analysis, which counts a loop's body once: a DiT whose blocks are scanned
+    (``model.dit.scan_blocks``) is counted on the same step with its blocks unrolled (the same
+    operations; compiled for the count, not run)."""
+    if config.model.name == "dit" and config.model.dit.scan_blocks:
+        unrolled = config.copy_and_resolve_references()
+        unrolled.model.dit.scan_blocks = False
+        compiled = compile_abstract(unrolled, num_classes)[0]
+    return xla_flops(compiled)
+
+
+def compile_train_step(config, num_classes: int) -> dict:
+    """Compiles (does not run) the train step of ``config`` on the devices present, from
+    abstract state and batch; returns the fields of a ``train_step_compiled`` line."""
+    compiled, compile_s, abstract = compile_abstract(config, num_classes)
+    flops = step_flops(config, compiled, num_classes)
+    batch_size = config.training.batch_size
     return dict(
         platform=jax.devices()[0].platform,
         num_devices=jax.device_count(),
@@ -270,9 +292,10 @@ def compile_train_step(config, num_classes: int) -> dict:
         tensor_parallel=config.training.tensor_parallel,
         remat=config.training.remat,
         grad_accum_steps=config.training.grad_accum_steps,
+        scan_blocks=config.model.name == "dit" and config.model.dit.scan_blocks,
         params=sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(abstract.params)),
         program_mib=program_mib(compiled),
-        # XLA's cost analysis counts a loop's body once: with micro-batches, per image of one.
+        # The micro-batches' scan counts once too: per image of one micro-batch, multiplied back.
         xla_gflop_per_image=(
             None
             if flops is None

@@ -20,6 +20,10 @@ sd-vae-ft-ema):
 
 ``:images`` gives the images' config (``get_config("images")``), whose data group the encoder
 reads.
+
+On 16 GiB devices (a TPU v3 core), eight of them: ``--config.training.compute_dtype=bfloat16
+--config.training.fsdp=8 --config.training.remat=block --config.model.dit.scan_blocks=True``
+(7,913 MiB per device by XLA's buffer assignment, a third more FLOPs; docs/networks.md).
 """
 
 from diffusion_jax import config_defaults

@@ -80,6 +80,10 @@ def get_config():
     # The constants of the official code ("official") or of diffusers' DiTTransformer2DModel
     # ("diffusers"), for weights imported from either (diffusion_jax.dit_weights).
     dit.numerics = "official"
+    # Run the blocks as one lax.scan over their stacked parameters (same parameters, same
+    # results): one compiled block, and with training.remat="block" one block's activations
+    # held at a time; what fits DiT-XL/2 on 16 GiB devices (docs/networks.md).
+    dit.scan_blocks = False
 
     # The training objective (diffusion_jax.objectives): "ddpm" (its options are the
     # `diffusion` group below, the name every run saved before objectives existed), "edm"

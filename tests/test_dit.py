@@ -350,6 +350,31 @@ def test_remat_same_params_output_and_gradient(tiny):
     jax.tree.map(np.testing.assert_array_equal, grad_r, grad)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_blocks_same_params_output_and_gradient(tiny, remat):
+    """``scan_blocks``: the same parameter tree, one scan (one block traced) instead of one
+    block per layer, and the unrolled network's output and gradient to float32 round-off."""
+    model, params, x, t, y = tiny
+    model = model.clone(remat=remat)
+    scanned = model.clone(scan_blocks=True)
+    shapes = jax.eval_shape(lambda: _init(scanned, x, t, y))
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    jaxpr = jax.make_jaxpr(lambda p: scanned.apply(p, x, t, y, train=False))(params)
+    assert [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"] == [
+        TINY["depth"]
+    ]
+    out, grad = _output_and_grad(model, params, x, t, y)
+    out_s, grad_s = _output_and_grad(scanned, params, x, t, y)
+    # Round-off relative to each array's largest entry (gradients here reach 1e3).
+    close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * np.abs(b).max())
+    close(out_s, out)
+    jax.tree.map(close, grad_s, grad)
+    # Each layer's own parameters: the blocks' gradients differ (a scan over one block's
+    # parameters, or over the layers in the wrong order, would fail above or here).
+    fc1 = [grad_s["params"][f"blocks_{i}"]["mlp"]["fc1"]["kernel"] for i in range(TINY["depth"])]
+    assert not np.allclose(fc1[0], fc1[1], atol=1e-3 * np.abs(fc1[1]).max())
+
+
 def test_bfloat16_compute(tiny):
     model, params, x, t, y = tiny
     out = _apply(model, params, x, t, y)

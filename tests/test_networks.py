@@ -29,6 +29,8 @@ def test_model_name_picks_the_network_with_its_groups_attributes():
     assert isinstance(dit, DiT)
     assert (dit.patch_size, dit.hidden_size, dit.depth, dit.num_heads) == (2, 32, 2, 2)
     assert (dit.out_channels, dit.num_classes, dit.null_label, dit.remat) == (1, 10, True, True)
+    config.model.dit.scan_blocks = True
+    assert config_lib.make_model(config_lib.validate(config)).scan_blocks
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,10 @@ def test_model_name_picks_the_network_with_its_groups_attributes():
         ({"model.dit.hidden_size": 34, "model.dit.num_heads": 1}, "must be divisible by 4"),
         ({"model.kind": "classifier"}, "model.kind 'classifier' is the U-Net's down half"),
         ({"training.remat": "all"}, "training.remat"),
+        (
+            {"model.dit.scan_blocks": True},
+            "Config key 'model.dit.scan_blocks' needs training.remat='block' (got 'none')",
+        ),
     ],
 )
 def test_dit_config_errors_name_the_key(overrides, message):
@@ -104,13 +110,15 @@ def test_summary_counts_the_papers_networks(name, parameters):
     assert f"parameters: {parameters:,}" in text.splitlines()
 
 
-def test_summary_gflop_is_xlas_count_of_the_forward_pass():
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_summary_gflop_is_xlas_count_of_the_forward_pass(scan_blocks):
+    # Scanned blocks are counted unrolled (XLA's count of a scan has its body once).
     # A tiny DiT of 16 tokens, width 32, 2 blocks, counted by hand (2 FLOP per multiply-add):
     # per block qkv 3*32*32, proj 32*32, mlp 2*32*128 MACs per token, attention logits and
     # values 2*16*32 per token, adaLN 32*192 per example; patch conv 4*32 and final linear
     # 32*4 per token; the t-embedder 256*32 + 32*32 per example.
-    config = config_lib.validate(tiny_dit())
-    result = summary.summarize(config)
+    overrides = {"model.dit.scan_blocks": scan_blocks, "training.remat": "block"}
+    result = summary.summarize(config_lib.validate(tiny_dit(**overrides)))
     tokens, width = 16, 32
     per_token = 2 * (4 * width * width + 2 * width * 4 * width + 2 * tokens * width) + 2 * 4 * width
     macs = tokens * per_token + 2 * width * 6 * width + 256 * width + width * width

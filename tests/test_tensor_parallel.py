@@ -132,7 +132,8 @@ def test_config_tensor_parallel_must_divide_the_devices_with_fsdp():
 
 
 # 8 CPU devices: a tiny DiT trained 3 steps as 8 x 1 (checkpointed at step 2 with the training
-# program's Checkpointer) and as 4 x 2 from scratch; then the step-2 checkpoint restored onto
+# program's Checkpointer), as 4 x 2 with its blocks rematerialised and scanned
+# (``scan_blocks``), and as 4 x 2 from scratch; then the step-2 checkpoint restored onto
 # 4 x 2 and stepped once. Prints the numbers as JSON.
 _EIGHT_DEVICES = textwrap.dedent(
     """\
@@ -154,15 +155,16 @@ _EIGHT_DEVICES = textwrap.dedent(
     config.training.batch_size = 16
     model = DiT(patch_size=2, hidden_size=32, depth=2, num_heads=4, out_channels=2)
     setup = config_lib.make_train_setup(config, model=model)
+    scanned = model.clone(remat=True, scan_blocks=True)
     image_shape = (8, 8, 1)
 
-    def build(tensor):
+    def build(tensor, setup=setup):
         mesh = sharding.make_mesh(1, tensor=tensor)
         abstract, shardings = train_step.state_shardings(setup, image_shape, mesh)
         data = input_pipeline.create_train_iterator(config.data, global_batch_size=16, seed=0)
         return mesh, abstract, shardings, data
 
-    def compiled_step(mesh, shardings, state, data):
+    def compiled_step(mesh, shardings, state, data, setup=setup):
         step = train_step.make_train_step(setup, mesh, shardings)
         first = sharding.global_batch(mesh, next(data))
         return step.lower(state, first).compile(), first
@@ -181,11 +183,13 @@ _EIGHT_DEVICES = textwrap.dedent(
 
     out = {}
     checkpointer = checkpointing.Checkpointer(workdir, keep=2, async_save=False)
-    for name, tensor in (("8x1", 1), ("4x2", 2)):
-        mesh, abstract, shardings, data = build(tensor)
-        state = train_step.create_train_state(setup, image_shape, shardings, config.seed)
+    scanned_setup = config_lib.make_train_setup(config, model=scanned)
+    runs = (("8x1", 1, setup), ("4x2_scanned", 2, scanned_setup), ("4x2", 2, setup))
+    for name, tensor, run_setup in runs:
+        mesh, abstract, shardings, data = build(tensor, run_setup)
+        state = train_step.create_train_state(run_setup, image_shape, shardings, config.seed)
         out[f"bytes_{name}"] = params_bytes_on_device0(state)
-        step, batch = compiled_step(mesh, shardings, state, data)
+        step, batch = compiled_step(mesh, shardings, state, data, run_setup)
         losses = []
         for i in range(3):
             if i:
@@ -261,6 +265,9 @@ def test_four_by_two_trains_like_eight_by_one_on_half_the_bytes(eight_devices):
     device 0 holds half the parameter bytes within 3%."""
     out = eight_devices
     np.testing.assert_allclose(out["losses_4x2"], out["losses_8x1"], rtol=1e-5)
+    # The same with the blocks rematerialised and scanned over their stacked, split parameters.
+    np.testing.assert_allclose(out["losses_4x2_scanned"], out["losses_8x1"], rtol=1e-5)
+    assert out["specs_4x2_scanned"] == out["specs_4x2"]
     assert all(spec == str(P()) for spec in out["specs_8x1"].values())
     assert out["specs_4x2"]["['blocks_0']['attn']['qkv']['kernel']"] == str(
         P(None, None, "tensor", None)

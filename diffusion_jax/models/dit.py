@@ -341,6 +341,12 @@ class DiT(nn.Module):
         ``DiTTransformer2DModel``: timestep frequency shift 1, MLP LayerNorm eps 1e-5; see the
         module docstring). Same parameters either way; pick the one the weights were trained
         with (``dit_weights.load_params`` says which).
+      scan_blocks: run the blocks as one ``lax.scan`` over their stacked parameters instead of
+        unrolled: the same parameters (``blocks_<i>``) and results (to float round-off), one
+        compiled block, and a schedule that finishes each block's backward pass (its
+        recomputation with ``remat``, its parameter gradients) before the next; with ``remat``
+        it holds one block's activations, where XLA may keep several blocks' alive in the
+        unrolled program (DiT-XL/2, batch 32 per device: docs/networks.md).
 
     Use ``dit_config("XL/2")`` for the paper's sizes.
     """
@@ -356,6 +362,7 @@ class DiT(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     numerics: str = "official"
+    scan_blocks: bool = False
 
     def _check_inputs(self, x, t, y):
         if self.numerics not in NUMERICS:
@@ -416,15 +423,32 @@ class DiT(nn.Module):
             labels = LabelEmbedder(self.num_classes, D, self.null_label, name="y_embedder")
             c = c + labels(y).astype(c.dtype)
 
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-        for i in range(self.depth):
-            h = block_cls(
-                self.num_heads,
-                self.mlp_ratio,
-                self.dtype,
-                numerics["mlp_norm_eps"],
-                name=f"blocks_{i}",
-            )(h, c)
+        block_args = (self.num_heads, self.mlp_ratio, self.dtype, numerics["mlp_norm_eps"])
+        if self.scan_blocks and not self.is_initializing():
+            h = self._scanned_blocks(DiTBlock(*block_args, parent=None), h, c)
+        else:
+            block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+            for i in range(self.depth):
+                h = block_cls(*block_args, name=f"blocks_{i}")(h, c)
 
         h = FinalLayer(p, self.out_channels, self.dtype, name="final_layer")(h, c)
         return unpatchify(h, p, self.out_channels).astype(jnp.float32)
+
+    def _scanned_blocks(self, block: DiTBlock, h: jax.Array, c: jax.Array) -> jax.Array:
+        """The blocks as one ``lax.scan`` over their parameters stacked on a new leading axis
+        (``blocks_0`` .. ``blocks_<depth-1>`` stay the parameters: the same tree as unrolled),
+        each step ``block`` applied to the carry h [B, T, D] with c [B, D]; with ``remat`` the
+        step is rematerialised (``jax.checkpoint``: only the carry of each step is saved)."""
+        params = self.variables["params"]
+        stacked = jax.tree.map(
+            lambda *layers: jnp.stack(layers), *(params[f"blocks_{i}"] for i in range(self.depth))
+        )
+
+        def step(h, layer_params):
+            return block.apply({"params": layer_params}, h, c), None
+
+        if self.remat:
+            # Inside a scan, CSE cannot merge the recomputation with the forward pass, so the
+            # barrier that would prevent it (prevent_cse, costly on GPUs) is not needed.
+            step = jax.checkpoint(step, prevent_cse=False)
+        return jax.lax.scan(step, h, stacked)[0]

@@ -40,7 +40,9 @@ def summarize(config, num_classes: int | None = None) -> dict:
         name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
         for name, tree in params.items()
     }
-    forward = lambda params, *inputs: model.apply({"params": params}, *inputs, train=False)
+    # XLA's cost analysis counts a loop's body once: scanned DiT blocks are counted unrolled.
+    counted = model.clone(scan_blocks=False) if getattr(model, "scan_blocks", False) else model
+    forward = lambda params, *inputs: counted.apply({"params": params}, *inputs, train=False)
     lowered = jax.jit(forward).lower(params, *inputs)
     return {
         "network": config.model.name if config.model.kind == "denoiser" else "classifier",
