@@ -830,15 +830,34 @@ def test_fid_mode_equals_a_direct_computation_and_caches_the_reference(cifar_wor
     is_direct = metrics.inception_score(logits, num_splits=6)[0]
     assert result["inception_score"] == pytest.approx(is_direct, rel=1e-4)
     assert result["num_samples"] == 6 and result["reference"]["num_examples"] == 10
-    assert result["feature_network"] == "inception-2015-12-05"
+    network = result["feature_network"]
+    assert network.startswith("inception-2015-12-05-")  # and a digest of the weights
     for key in ("kid", "precision", "recall"):
         assert np.isfinite(result[key])
-    cached = list(pathlib.Path(overrides["eval.reference_dir"]).glob("*.npz"))
-    assert [p.name for p in cached] == ["cifar10-train-32x32x3-inception-2015-12-05.npz"]
+    reference_dir = pathlib.Path(overrides["eval.reference_dir"])
+    cached = list(reference_dir.glob("*.npz"))
+    assert [p.name for p in cached] == [f"cifar10-train-32x32x3-{network}.npz"]
     np.testing.assert_allclose(np.load(cached[0])["features"], f_ref, rtol=1e-4, atol=1e-5)
     # A second run reads the cache (the mocked data set is gone) and gives the same numbers.
     again = evaluators.evaluate(workdir, "fid", overrides=overrides)
     assert again["fid"] == result["fid"] and again["kid"] == result["kid"]
+    # Other Inception weights are another feature network: the cached features of the first
+    # are not reused, the reference is computed with the new weights and cached beside them.
+    from diffusion_jax import inception
+
+    other_weights = weights.parent / "inception_other.npz"
+    np.savez(other_weights, **inception.random_state_dict(1))
+    other_overrides = {**overrides, "eval.inception_weights": str(other_weights)}
+    with tfds.testing.mock_data(num_examples=10):
+        other = evaluators.evaluate(workdir, "fid", overrides=other_overrides)
+    f_gen, _ = _direct_inception(other_weights, generated)
+    f_ref, _ = _direct_inception(other_weights, reference)
+    other_direct = metrics.frechet_distance(
+        f_gen.mean(0), np.cov(f_gen, rowvar=False), f_ref.mean(0), np.cov(f_ref, rowvar=False)
+    )
+    assert other["fid"] == pytest.approx(other_direct, rel=1e-3)
+    assert other["fid"] != pytest.approx(result["fid"], rel=1e-2)
+    assert other["feature_network"] != network and len(list(reference_dir.glob("*.npz"))) == 2
 
 
 @pytest.mark.slow  # long end to end: runs in CI's slow pass

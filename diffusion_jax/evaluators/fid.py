@@ -16,8 +16,8 @@ through the same feature network, sharded over every device of every process:
 Feature statistics accumulate in float64 per process and are merged across processes. The
 reference features are computed once and cached in ``eval.reference_dir`` under a name made of
 the data set (``input_pipeline.data_set_id``: a folder's names its path and files), split, image
-shape and feature network; DINOv2's name holds a digest of its weights (any DINOv2 file can be
-given), so features of other weights are never reused.
+shape and feature network; the network's name holds a digest of its weights (any Inception or
+DINOv2 file can be given), so features of other weights are never reused.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def feature_network(ctx: common.Context) -> FeatureNetwork:
         return {"features": out["pool3"], "logits": out["logits"]}
 
     params = inception.load_params(cfg.eval.inception_weights)
-    return FeatureNetwork("inception-2015-12-05", inception_fn, params)
+    return FeatureNetwork(f"inception-2015-12-05-{_digest(params)}", inception_fn, params)
 
 
 def dinov2_network(ctx: common.Context) -> FeatureNetwork | None:
@@ -91,8 +91,9 @@ def dinov2_network(ctx: common.Context) -> FeatureNetwork | None:
     return FeatureNetwork(f"dinov2-{_digest(params, config)}", dinov2_fn, params)
 
 
-def _digest(params, config) -> str:
-    """16 hex digits of SHA-256 over the network's sizes and weights (float32 bytes)."""
+def _digest(params, config=None) -> str:
+    """16 hex digits of SHA-256 over the network's sizes (``config``, if any) and weights
+    (float32 bytes)."""
     h = hashlib.sha256(repr(config).encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         h.update(jax.tree_util.keystr(path).encode())
