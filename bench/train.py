@@ -198,7 +198,9 @@ def bench_train_step(config, num_steps: int, num_classes: int, peak_tflops=None)
     num_devices = jax.device_count()
     device = jax.devices()[0]
     step_best = min(step_s)
-    flops = step_flops(config, compiled, num_classes)  # one device's share of the step
+    mesh = sharding.make_mesh(config.training.fsdp, tensor=config.training.tensor_parallel)
+    accumulate = train_step.default_accumulate(mesh)  # as build's step runs micro-batches
+    flops = step_flops(config, compiled, num_classes, accumulate)  # one device's share
     peak, peak_name = device_peak_flops(device, dtype)
     if peak_tflops:
         peak, peak_name = peak_tflops * 1e12, "--peak_tflops"
@@ -238,9 +240,10 @@ def bench_train_step(config, num_steps: int, num_classes: int, peak_tflops=None)
     )
 
 
-def compile_abstract(config, num_classes: int):
+def compile_abstract(config, num_classes: int, accumulate: str = "scan"):
     """The train step of ``config`` compiled (not run) for the devices present from abstract
-    state and batch, micro-batches as a scan; returns ``(compiled, seconds, abstract state)``."""
+    state and batch, micro-batches run as ``accumulate`` says (``train_step.make_train_step``);
+    returns ``(compiled, seconds, abstract state)``."""
     data = config.data
     image_shape = (data.image_size, data.image_size, data.channels)
     mesh = sharding.make_mesh(config.training.fsdp, tensor=config.training.tensor_parallel)
@@ -257,30 +260,34 @@ def compile_abstract(config, num_classes: int):
         **({"std": image} if setup.posterior else {}),
         "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=spread),
     }
-    # Micro-batches as accelerators run them (a scan: one micro-batch's activations at a time),
-    # not as the CPU default (an unrolled loop, faster here but holding more at once).
-    step_fn = train_step.make_train_step(setup, mesh, shardings, accumulate="scan")
+    step_fn = train_step.make_train_step(setup, mesh, shardings, accumulate=accumulate)
     compiled, compile_s = time_compile(step_fn, state, batch)
     return compiled, compile_s, abstract
 
 
-def step_flops(config, compiled, num_classes: int) -> float | None:
-    """One device's FLOPs of ``compiled``, the train step of ``config``, by XLA's cost
-    analysis, which counts a loop's body once: a DiT whose blocks are scanned
-    (``model.dit.scan_blocks``) is counted on the same step with its blocks unrolled (the same
-    operations; compiled for the count, not run)."""
+def step_flops(config, compiled, num_classes: int, accumulate: str) -> float | None:
+    """One device's FLOPs of ``compiled``, the whole train step of ``config`` with its
+    micro-batches run as ``accumulate``, by XLA's cost analysis, which counts a loop's body
+    once: a DiT whose blocks are scanned (``model.dit.scan_blocks``) is counted on the same
+    step with its blocks unrolled (the same operations; compiled for the count, not run), and
+    micro-batches run as a scan are multiplied back."""
     if config.model.name == "dit" and config.model.dit.scan_blocks:
         unrolled = config.copy_and_resolve_references()
         unrolled.model.dit.scan_blocks = False
-        compiled = compile_abstract(unrolled, num_classes)[0]
-    return xla_flops(compiled)
+        compiled = compile_abstract(unrolled, num_classes, accumulate)[0]
+    flops = xla_flops(compiled)
+    if flops is not None and accumulate == "scan":
+        flops *= config.training.grad_accum_steps
+    return flops
 
 
 def compile_train_step(config, num_classes: int) -> dict:
     """Compiles (does not run) the train step of ``config`` on the devices present, from
     abstract state and batch; returns the fields of a ``train_step_compiled`` line."""
-    compiled, compile_s, abstract = compile_abstract(config, num_classes)
-    flops = step_flops(config, compiled, num_classes)
+    # Micro-batches as accelerators run them (a scan: one micro-batch's activations at a time),
+    # not as the CPU default (an unrolled loop, faster here but holding more at once).
+    compiled, compile_s, abstract = compile_abstract(config, num_classes, "scan")
+    flops = step_flops(config, compiled, num_classes, "scan")
     batch_size = config.training.batch_size
     return dict(
         platform=jax.devices()[0].platform,
@@ -295,12 +302,9 @@ def compile_train_step(config, num_classes: int) -> dict:
         scan_blocks=config.model.name == "dit" and config.model.dit.scan_blocks,
         params=sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(abstract.params)),
         program_mib=program_mib(compiled),
-        # The micro-batches' scan counts once too: per image of one micro-batch, multiplied back.
-        xla_gflop_per_image=(
-            None
-            if flops is None
-            else flops * jax.device_count() * config.training.grad_accum_steps / batch_size / 1e9
-        ),
+        xla_gflop_per_image=None
+        if flops is None
+        else flops * jax.device_count() / batch_size / 1e9,
         compile_s=compile_s,
     )
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from diffusion_jax import config_defaults
+from diffusion_jax import config_defaults, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -326,6 +326,20 @@ def test_compile_only_counts_every_micro_batch_and_holds_one_at_a_time():
     assert (one["grad_accum_steps"], two["grad_accum_steps"]) == (1, 2)
     assert two["xla_gflop_per_image"] == pytest.approx(one["xla_gflop_per_image"], rel=0.02)
     assert 0 < two["program_mib"] < 0.8 * one["program_mib"]
+
+
+def test_timed_step_counts_every_micro_batch_of_a_scan(monkeypatch):
+    """The timed step's FLOPs per image do not depend on the micro-batches, also where they
+    run as a scan (accelerators' default, forced here: XLA counts a loop's body once)."""
+    bench_train = _import_bench("train")
+    monkeypatch.setattr(train_step, "default_accumulate", lambda mesh: "scan")
+    config = config_defaults.get_config_digits()
+    config.model.unet.update(ch=16, ch_mult=(1,), attn_resolutions=(), num_groups=16)
+    config.training.batch_size = 8
+    one = bench_train.bench_train_step(config, num_steps=1, num_classes=10)
+    config.training.grad_accum_steps = 2
+    two = bench_train.bench_train_step(config, num_steps=1, num_classes=10)
+    assert two["xla_gflop_per_image"] == pytest.approx(one["xla_gflop_per_image"], rel=0.02)
 
 
 @pytest.mark.slow
