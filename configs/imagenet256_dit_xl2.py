@@ -23,7 +23,7 @@ reads.
 
 On 16 GiB devices (a TPU v3 core), eight of them: ``--config.training.compute_dtype=bfloat16
 --config.training.fsdp=8 --config.training.remat=block --config.model.dit.scan_blocks=True``
-(7,913 MiB per device by XLA's buffer assignment, a third more FLOPs; docs/networks.md).
+(4,408 MiB per device by XLA's buffer assignment, a third more FLOPs; docs/networks.md).
 """
 
 from diffusion_jax import config_defaults

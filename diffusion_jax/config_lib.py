@@ -487,7 +487,7 @@ def _validate_dit(config) -> None:
         )
     if dit.scan_blocks and config.training.remat != "block":
         # Without it the scan's backward pass keeps every intermediate of every block (DiT-XL/2,
-        # batch 32 per device: 137,700 MiB per device against 31,560 unrolled; docs/networks.md).
+        # batch 32 per device: 49,196 MiB per device against 31,560 unrolled; docs/networks.md).
         raise ConfigError(
             "Config key 'model.dit.scan_blocks' needs training.remat='block' (got "
             f"{config.training.remat!r}): scanned without rematerialisation, every block's "

@@ -125,9 +125,11 @@ def sampler_model_fn(
     interval = config_lib.guidance_interval(config)
 
     def network(module, module_params, x_in, noise_input, y):
-        if batch_sharding is not None:
-            x_in = jax.lax.with_sharding_constraint(x_in, batch_sharding)
-        return module.apply({"params": module_params}, x_in, noise_input, y, train=False)
+        if batch_sharding is None:
+            return module.apply({"params": module_params}, x_in, noise_input, y, train=False)
+        x_in = jax.lax.with_sharding_constraint(x_in, batch_sharding)
+        with sharding.tracing_mesh(batch_sharding.mesh):
+            return module.apply({"params": module_params}, x_in, noise_input, y, train=False)
 
     def conditioned(module, module_params):
         """``(x_in, noise_input) -> output`` of ``module``, given ``labels`` if it takes them."""

@@ -396,7 +396,8 @@ def make_train_step(setup: TrainSetup, mesh, state_sharding, *, accumulate=None)
             ),
             batch,
         )
-        grads, (objs, terms, t) = accumulate_grads(state, micro_batches, dropout_root)
+        with sharding.tracing_mesh(mesh):
+            grads, (objs, terms, t) = accumulate_grads(state, micro_batches, dropout_root)
         # Per-example outputs [accum, B / accum] back to batch order [B].
         terms, t = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1), (terms, t))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import sharding
 from diffusion_jax.models.layers import check_labels
 
 Dtype = Any
@@ -438,13 +439,19 @@ class DiT(nn.Module):
         """The blocks as one ``lax.scan`` over their parameters stacked on a new leading axis
         (``blocks_0`` .. ``blocks_<depth-1>`` stay the parameters: the same tree as unrolled),
         each step ``block`` applied to the carry h [B, T, D] with c [B, D]; with ``remat`` the
-        step is rematerialised (``jax.checkpoint``: only the carry of each step is saved)."""
+        step is rematerialised (``jax.checkpoint``: only the carry of each step is saved).
+        Traced under ``sharding.tracing_mesh``, the stacked parameters keep their split and the
+        carry its batch split, so that each step gathers one layer's weights (FSDP)."""
         params = self.variables["params"]
-        stacked = jax.tree.map(
-            lambda *layers: jnp.stack(layers), *(params[f"blocks_{i}"] for i in range(self.depth))
+        stacked = sharding.constrain_layers(
+            jax.tree.map(
+                lambda *layers: jnp.stack(layers),
+                *(params[f"blocks_{i}"] for i in range(self.depth)),
+            )
         )
 
         def step(h, layer_params):
+            h = sharding.constrain_batch(h)
             return block.apply({"params": layer_params}, h, c), None
 
         if self.remat:
