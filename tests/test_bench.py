@@ -45,8 +45,8 @@ def _import_bench(name):
         sys.path.pop(0)
 
 
-def _start(script, args):
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+def _start(script, args, xla_flags="--xla_backend_optimization_level=0"):
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
     return subprocess.Popen(
         [sys.executable, os.path.join(REPO, "bench", script), *args],
         cwd=REPO,
@@ -375,24 +375,12 @@ def test_compile_only_scanned_dit_gathers_one_layers_weights_per_step(tmp_path):
     more, no batch dim), never the carried activations of the whole batch, which GSPMD does
     when the stacked parameters and the carry are left unconstrained."""
     dump = tmp_path / "hlo"
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump} "
-        "--xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=NONE",
-    )
     args = ["--compile_only", "--config", "configs/digits_dit.py", "--batch", "64"]
     args += [f"--config.training.{k}" for k in ("fsdp=8", "remat='block'")]
     args += ["--config.model.dit.scan_blocks=True", "--config.eval.batch_size=64"]
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "train.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    flags = f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump} "
+    flags += "--xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=NONE"
+    assert _lines(_start("train.py", args, flags))["train_step_compiled"]
     # The scanned step, and the unrolled copy compiled for the FLOP count (without loops).
     hlos = dump.glob("*train_step*after_optimizations.txt")
     computations = [text for hlo in hlos for text in hlo.read_text().split("\n\n")]
