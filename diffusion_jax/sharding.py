@@ -182,14 +182,15 @@ def tracing_mesh(mesh: Mesh):
 def constrain_layers(stacked):
     """A pytree of per-layer parameters stacked on a new leading axis ([L, *shape], the leaves'
     paths a layer's: ``("attn", "qkv", "kernel")``), each split as one layer's parameter is
-    (``param_spec``), the layer axis whole; unchanged outside ``tracing_mesh``.
+    (``param_spec``), the layer axis whole; unchanged outside ``tracing_mesh`` (or under a mesh
+    without this module's axes).
 
     Without it, GSPMD leaves a ``lax.scan`` over the layers free to gather the carried
     activations of the whole batch in every step instead of that layer's weights (DiT-XL/2,
     FSDP over 8: 7,913 MiB per device against 4,408; docs/networks.md).
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    mesh = _tracing_mesh()
+    if mesh is None:
         return stacked
     fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
     return jax.tree_util.tree_map_with_path(
@@ -203,9 +204,15 @@ def constrain_layers(stacked):
 def constrain_batch(x: jax.Array) -> jax.Array:
     """``x`` [B, ...] split over the batch axes (``batch_sharding``) inside ``tracing_mesh``;
     unchanged outside it."""
-    if jax.sharding.get_abstract_mesh().empty:
+    if _tracing_mesh() is None:
         return x
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def _tracing_mesh():
+    """The mesh of ``tracing_mesh`` (one with this module's axes), else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else mesh
 
 
 def check_tensor_parallel(model, abstract_params, tensor: int) -> None:
