@@ -375,6 +375,18 @@ def test_scanned_blocks_same_params_output_and_gradient(tiny, remat):
     assert not np.allclose(fc1[0], fc1[1], atol=1e-3 * np.abs(fc1[1]).max())
 
 
+def test_scanned_blocks_under_a_users_own_mesh(tiny):
+    """Traced under a mesh without the library's axes (a user's own), the scanned blocks leave
+    the split to GSPMD: the unrolled network's output, no error on a missing axis."""
+    model, params, x, t, y = tiny
+    scanned = model.clone(scan_blocks=True)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("replicas",))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        out_s = jax.jit(lambda p: scanned.apply(p, x, t, y, train=False))(params)
+    out = model.apply(params, x, t, y, train=False)
+    np.testing.assert_allclose(out_s, out, atol=1e-6 * np.abs(out).max())
+
+
 def test_bfloat16_compute(tiny):
     model, params, x, t, y = tiny
     out = _apply(model, params, x, t, y)
