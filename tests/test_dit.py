@@ -19,6 +19,7 @@ from diffusion_jax.models.dit import (
     dit_timestep_embedding,
     sincos_2d_table,
     softmax_attention,
+    tokenwise,
     unpatchify,
 )
 
@@ -248,6 +249,25 @@ def test_block_and_final_layer_match_formulas():
     )
     assert out.shape == (B, T, 2 * 2 * 3)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "features, axis, x_shape", [(6, -1, (2, 5, 4)), (6, (-2, -1), (3, 2, 2, 4))]
+)
+def test_tokenwise_same_params_and_values_as_the_layer(features, axis, x_shape):
+    """A Dense layer over [B*T, *F] tokens: the parameters and values of the layer applied to
+    x [B, T, *F] directly, its result [B, T, out]."""
+    layer = nn.DenseGeneral(features, axis=axis)
+    x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+    feature_axes = 1 if axis == -1 else len(axis)
+    params = layer.init(jax.random.PRNGKey(1), x)
+    tokens = layer.init(jax.random.PRNGKey(1), x.reshape(-1, *x_shape[2:]))
+    assert jax.tree.map(jnp.shape, tokens) == jax.tree.map(jnp.shape, params)
+    params = jax.tree.map(lambda a: a + 0.1, params)  # non-zero bias
+    out = layer.apply(params, x)
+    got = jax.jit(lambda p, x: tokenwise(lambda h: layer.apply(p, h), x, feature_axes))(params, x)
+    assert got.shape == x_shape[:2] + (features,)
+    np.testing.assert_allclose(got, out, rtol=1e-6, atol=1e-6)
 
 
 def test_softmax_attention_values_and_gradient_by_hand():

@@ -175,6 +175,22 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return (out / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
+def tokenwise(layer, x: jax.Array, feature_axes: int = 1) -> jax.Array:
+    """``layer`` (a Dense layer) applied to x [B, T, *F] (``feature_axes`` trailing feature
+    axes) as to one [B*T, *F] matrix of tokens, the result reshaped back to [B, T, *out].
+
+    The same parameters and values as applying it to x directly. Why: over [B, T, *F], the
+    kernel's gradient contracts two axes (B and T), and XLA:CPU first copies the output
+    gradient transposed, then runs a dot form only its slowest kernel takes; over [B*T, *F] it
+    is one plain matrix product. A DiT-S/2 block with gradients 841 -> 777 ms (batch 32),
+    the train step 0.87x -> 0.96x PyTorch eager (docs/networks.md). The merged axis keeps the
+    batch's split (B is its major part), so sharded programs are unchanged.
+    """
+    lead = x.shape[: x.ndim - feature_axes]
+    out = layer(x.reshape(-1, *x.shape[len(lead) :]))
+    return out.reshape(*lead, *out.shape[1:])
+
+
 def _dense(features: int, dtype: Dtype, name: str, kernel_init=xavier_uniform) -> nn.Dense:
     return nn.Dense(
         features,
@@ -218,10 +234,10 @@ class Attention(nn.Module):
             param_dtype=jnp.float32,
             name=name,
         )
-        qkv = dense((3, self.num_heads, hd), -1, "qkv")(x)  # [B, T, 3, heads, hd]
+        qkv = tokenwise(dense((3, self.num_heads, hd), -1, "qkv"), x)  # [B, T, 3, heads, hd]
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, heads, T, hd]
         out = softmax_attention(q * hd**-0.5, k, v).transpose(0, 2, 1, 3)  # [B, T, heads, hd]
-        return dense(D, (-2, -1), "proj")(out)
+        return tokenwise(dense(D, (-2, -1), "proj"), out, feature_axes=2)
 
 
 class Mlp(nn.Module):
@@ -235,9 +251,9 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _dense(self.hidden_features, self.dtype, "fc1")(x)
+        h = tokenwise(_dense(self.hidden_features, self.dtype, "fc1"), x)
         h = nn.gelu(h, approximate=self.approximate_gelu)
-        return _dense(x.shape[-1], self.dtype, "fc2")(h)
+        return tokenwise(_dense(x.shape[-1], self.dtype, "fc2"), h)
 
 
 class DiTBlock(nn.Module):
@@ -283,7 +299,7 @@ class FinalLayer(nn.Module):
         shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(_layer_norm(self.dtype)(x), shift, scale)
         features = self.patch_size**2 * self.out_channels
-        return _dense(features, self.dtype, "linear", zeros)(x)
+        return tokenwise(_dense(features, self.dtype, "linear", zeros), x)
 
 
 class TimestepEmbedder(nn.Module):
