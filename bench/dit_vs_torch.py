@@ -12,12 +12,13 @@ negligible difference in cost), ``torch.optim.Adam``. The two are timed in the s
 round after round (interleaved, so a change of the machine's load hits both), each round the
 best of ``--repeats`` steps; each round also measures the float32 matmul yardstick
 (``_common.matmul_gflops``: a [2048, 2048]^2 dot); the last line has the best of all rounds,
-the ratio and our step's XLA FLOP rate as a fraction of the best yardstick. ``--variants``
-compiles our step once per XLA:CPU library choice (``_common.XLA_CPU_VARIANTS``; "ynn_reduce",
-the default, is the training program's setting) and times each in every round; the last lines
-are per variant. Both use every core they see (XLA's thread pool, torch's intra-op threads):
-the numbers mean something only as a ratio measured in one run, and only with the machine's
-load stated alongside.
+the ratio (and the ratio of the medians of every timed step: on a shared host, one
+undisturbed step of either side moves the best) and our step's XLA FLOP rate as a fraction of
+the best yardstick. ``--variants`` compiles our step once per XLA:CPU library choice
+(``_common.XLA_CPU_VARIANTS``; "ynn_reduce", the default, is the training program's setting)
+and times each in every round; the last lines are per variant. Both use every core they see
+(XLA's thread pool, torch's intra-op threads): the numbers mean something only as a ratio
+measured in one run, and only with the machine's load stated alongside.
 
 Prints JSON lines; without torch or diffusers, one line saying so (exit status 0).
 """
@@ -180,6 +181,7 @@ def main(argv=None):
         )
     sides["torch"] = _torch_step(a, torch, diffusers, x, t, y, target)
     best = dict.fromkeys(sides, float("inf"))
+    every = {name: [] for name in sides}
     yardstick = 0.0
     for r in range(a.rounds):
         start = time.perf_counter()
@@ -189,6 +191,7 @@ def main(argv=None):
         for name, run in sides.items():
             s, times = best_of(run, a.repeats, warmup=1)
             best[name] = min(best[name], s)
+            every[name] += times
             emit(
                 bench="dit_vs_torch_round",
                 round=r,
@@ -206,6 +209,7 @@ def main(argv=None):
             jax_images_per_s=a.batch / ours,
             torch_images_per_s=a.batch / best["torch"],
             jax_over_torch=best["torch"] / ours,
+            jax_over_torch_median=float(np.median(every["torch"]) / np.median(every[f"jax_{v}"])),
             matmul_gflops=yardstick,
             jax_fraction_of_matmul=gflop[v] * a.batch / ours / yardstick if gflop[v] else None,
             loadavg_1min=os.getloadavg()[0],
