@@ -17,8 +17,10 @@ undisturbed step of either side moves the best) and our step's XLA FLOP rate as 
 the best yardstick. ``--variants`` compiles our step once per XLA:CPU library choice
 (``_common.XLA_CPU_VARIANTS``; "ynn_reduce", the default, is the training program's setting)
 and times each in every round; the last lines are per variant. Both use every core they see
-(XLA's thread pool, torch's intra-op threads): the numbers mean something only as a ratio
-measured in one run, and only with the machine's load stated alongside.
+(XLA's thread pool, torch's intra-op threads) and the programs' allocator settings
+(``diffusion_jax.host_memory``; ``reuses_freed_memory`` in the env line): the numbers mean
+something only as a ratio measured in one run, and only with the machine's load stated
+alongside.
 
 Prints JSON lines; without torch or diffusers, one line saying so (exit status 0).
 """
