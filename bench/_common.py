@@ -18,13 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import host_memory
-
-# As the programs do (xla_flags.configure), before any bench starts JAX's backend: glibc keeps
-# the memory XLA:CPU frees for the next run (without it, a step's time includes faulting in
-# every page of its activations again).
-REUSES_FREED_MEMORY = host_memory.reuse_freed_memory()
-
 
 def emit(**fields: Any) -> dict[str, Any]:
     """Print one JSON line (floats rounded to 4 significant digits) and return the dict."""
@@ -49,7 +42,6 @@ def emit_env() -> dict[str, Any]:
         devices=str(jax.devices()),
         cpu_count=os.cpu_count(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
-        reuses_freed_memory=REUSES_FREED_MEMORY,
     )
 
 

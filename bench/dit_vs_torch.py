@@ -17,9 +17,10 @@ undisturbed step of either side moves the best) and our step's XLA FLOP rate as 
 the best yardstick. ``--variants`` compiles our step once per XLA:CPU library choice
 (``_common.XLA_CPU_VARIANTS``; "ynn_reduce", the default, is the training program's setting)
 and times each in every round; the last lines are per variant. Both use every core they see
-(XLA's thread pool, torch's intra-op threads) and the programs' allocator settings
-(``diffusion_jax.host_memory``; ``reuses_freed_memory`` in the env line): the numbers mean
-something only as a ratio measured in one run, and only with the machine's load stated
+(XLA's thread pool, torch's intra-op threads) and, unless ``--glibc_defaults``, the allocator
+setting of the programs' ``--reuse_freed_memory`` (``diffusion_jax.host_memory``: glibc keeps
+the gigabytes a step frees for the next; ``reuses_freed_memory`` in the env line): the numbers
+mean something only as a ratio measured in one run, and only with the machine's load stated
 alongside.
 
 Prints JSON lines; without torch or diffusers, one line saying so (exit status 0).
@@ -46,6 +47,7 @@ from _common import (  # noqa: E402
     xla_flops,
 )
 
+from diffusion_jax import host_memory  # noqa: E402
 from diffusion_jax.models import DiT  # noqa: E402
 
 
@@ -61,6 +63,11 @@ def _parse(argv):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per round and side")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--glibc_defaults",
+        action="store_true",
+        help="keep glibc's malloc settings (without the programs' --reuse_freed_memory)",
+    )
     p.add_argument(
         "--variants",
         default="ynn_reduce",
@@ -159,12 +166,14 @@ def main(argv=None):
     except ImportError as e:
         emit(bench="dit_vs_torch", skipped=f"needs torch and diffusers (the peer extra): {e}")
         return
+    reuses = False if a.glibc_defaults else host_memory.reuse_freed_memory()  # before any backend
     emit_env()
     emit(
         bench="dit_vs_torch_env",
         torch=torch.__version__,
         diffusers=diffusers.__version__,
         torch_threads=torch.get_num_threads(),
+        reuses_freed_memory=reuses,
         loadavg_1min=os.getloadavg()[0],
     )
     x, t, y, target = _inputs(a)

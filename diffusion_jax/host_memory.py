@@ -8,6 +8,13 @@ page again: 1.33 million page faults and 3.4-4.2 CPU-seconds in the kernel per D
 on 2 cores (``bench/dit_vs_torch.py``; docs/networks.md). ``reuse_freed_memory`` makes glibc
 keep what is freed and hand it out again: the same step then faults on no page and takes
 7.2-7.5 instead of 9.9-10.5 s.
+
+It is a trade, not a default: with one arena and no ``mmap``, every large block lives in one
+heap, and ``malloc`` walks ever longer lists of free blocks of distinct sizes (glibc's large
+bins; 17% of a profile's samples in ``_int_malloc``). A small model's step, whose many small
+allocations never paid for page faults, gets slower: the digits U-Net (``configs/digits.py``)
+21.9 instead of 18.6-19.0 s per 100 steps. The programs apply it with ``--reuse_freed_memory``
+(``xla_flags.configure(reuse_freed_memory=True)``).
 """
 
 from __future__ import annotations

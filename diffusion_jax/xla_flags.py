@@ -24,7 +24,12 @@ def _jaxlib_at_least(*version: int) -> bool:
     return jaxlib.version.__version_info__[: len(version)] >= version
 
 
-def configure(cpu_devices: int | None = None, *, memory_scheduler: bool = False) -> str:
+def configure(
+    cpu_devices: int | None = None,
+    *,
+    memory_scheduler: bool = False,
+    reuse_freed_memory: bool = False,
+) -> str:
     """Adds this project's XLA flags to ``XLA_FLAGS`` (keeping the user's); returns them.
 
     - ``cpu_devices``: expose that many CPU devices (``--xla_force_host_platform_device_count``).
@@ -37,8 +42,10 @@ def configure(cpu_devices: int | None = None, *, memory_scheduler: bool = False)
     - ``memory_scheduler``: XLA:CPU's memory-minimising scheduler (``CPU_MEMORY_SCHEDULER_FLAG``)
       instead of its concurrency-optimised one: for sizing programs by their buffer assignment
       (``bench/train.py --compile_only``), not for speed.
-    - glibc keeps the memory XLA:CPU frees for its next run (``host_memory.reuse_freed_memory``:
-      CPU-only hosts with glibc): a DiT-S/2 train step 7.2-7.5 instead of 9.9-10.5 s here.
+    - ``reuse_freed_memory``: glibc keeps the memory XLA:CPU frees for its next run
+      (``host_memory.reuse_freed_memory``; CPU-only hosts with glibc): for steps that hold
+      gigabytes of activations (a DiT-S/2 train step at batch 32: 7.2-7.5 instead of 9.9-10.5 s
+      here); it makes small ones slower (the digits U-Net's by 15%), so it is not the default.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if cpu_devices:
@@ -48,5 +55,6 @@ def configure(cpu_devices: int | None = None, *, memory_scheduler: bool = False)
     if memory_scheduler and "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
         flags += f" {CPU_MEMORY_SCHEDULER_FLAG}"
     os.environ["XLA_FLAGS"] = flags.strip()
-    host_memory.reuse_freed_memory()
+    if reuse_freed_memory:
+        host_memory.reuse_freed_memory()
     return os.environ["XLA_FLAGS"]
