@@ -39,11 +39,12 @@ def reuse_freed_memory() -> bool:
     Three ``mallopt`` settings, which together keep a multi-gigabyte buffer freed by one XLA
     run in the process for the next: one arena for all threads (``M_ARENA_MAX`` 1: the other
     arenas' heaps cannot exceed 64 MiB and fall back to ``mmap``), no ``mmap`` for large blocks
-    (``M_MMAP_MAX`` 0), no trimming of the heap's top (``M_TRIM_THRESHOLD`` -1). The cost: the
-    process holds its peak memory until it exits (the next step needs it again anyway).
+    (``M_MMAP_MAX`` 0), no trimming of the heap's top (``M_TRIM_THRESHOLD`` -1). The costs: the
+    process holds its peak memory until it exits (the next step needs it again anyway), and
+    small models' steps get slower (above).
 
-    Only where it pays and is wanted: Linux with glibc, JAX computing on the CPU (``JAX_PLATFORMS``
-    is ``cpu``, or no GPU/TPU plugin is installed: on an accelerator the large buffers live on
+    Applied only on Linux with glibc, with JAX computing on the CPU (``JAX_PLATFORMS`` is
+    ``cpu``, or no GPU/TPU plugin is installed: on an accelerator the large buffers live on
     the device, and one arena would serialise the input pipeline's threads' allocations), and
     ``GLIBC_TUNABLES`` not already choosing malloc settings. Call it before JAX starts a backend
     (the first computation): the arena setting holds only for threads started later.
