@@ -45,7 +45,7 @@ def configure(
     - ``reuse_freed_memory``: glibc keeps the memory XLA:CPU frees for its next run
       (``host_memory.reuse_freed_memory``; CPU-only hosts with glibc): for steps that hold
       gigabytes of activations (a DiT-S/2 train step at batch 32: 7.2-7.5 instead of 9.9-10.5 s
-      here); it makes small ones slower (the digits U-Net's by 15%), so it is not the default.
+      here); it makes small ones slower (the digits U-Net's by 15-18%), so it is not the default.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if cpu_devices:
